@@ -1,0 +1,30 @@
+"""The ``pevideo`` command line: ``pevideo bench`` (and the embedding tools)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pevideo", description="Fast PE Video inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from . import bench
+
+    p = sub.add_parser("bench", help="time the video tower: pevideo fast / eager vs transformers",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The one seam between pevideo's modules and its kernels.
+
+Modules call :class:`Ops` methods by op name; each call picks the fused Triton kernel or its PyTorch
+reference and records why. With ``fast=False`` everything runs the reference (the eager path). With
+``fast=True`` an op falls back to its reference where the kernel can't serve (no Triton, CPU tensors
+outside the interpreter, a dtype or head_dim it doesn't take, inputs requiring grad, or a kernel that
+fails to build or run) and warns once per op and reason. ``pevideo.kernel_report(model)`` reads the
+record of the last forward.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+# The op modules, not the same-named functions the package exports.
+_attn = importlib.import_module("pevideo_kernels.rope_attention")
+_patchify = importlib.import_module("pevideo_kernels.patchify")
+
+__all__ = ["Ops", "FUSED", "PeVideoKernelFallbackWarning"]
+
+FUSED = "fused"
+EAGER = "eager (fast=False)"
+
+
+class PeVideoKernelFallbackWarning(RuntimeWarning):
+    """A fused kernel could not serve an op in a fast model; its PyTorch reference ran instead."""
+
+
+def _disagreement(out: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """None if a fused output agrees with its reference to within its dtype's noise, else why not."""
+    if out.shape != ref.shape:
+        return f"the kernel's output has shape {tuple(out.shape)}, the reference's {tuple(ref.shape)}"
+    o, r = out.float(), ref.float()
+    if not torch.equal(torch.isfinite(o), torch.isfinite(r)):
+        return "the kernel's output has non-finite values where the reference has none (or the reverse)"
+    fin = torch.isfinite(r)
+    if not fin.any():
+        return None
+    err = (o[fin] - r[fin]).abs().max().item()
+    mag = r[fin].abs().max().item()
+    tol = 1e-3 if out.dtype == torch.float32 else 5e-2
+    if err > tol * max(mag, 1e-6):
+        return f"the kernel's first output disagreed with the reference (max error {err:.3g} for magnitude {mag:.3g})"
+    return None
+
+
+class Ops:
+    """Per-model kernel dispatcher. ``report`` maps op name to "fused" or the reason it isn't."""
+
+    def __init__(self, fast: bool = False, verify: bool = True):
+        self.fast = bool(fast)
+        # Check each op's first fused output (per dtype and device) against its reference, so a kernel
+        # that runs but computes garbage (a miscompile, a new GPU) is caught and switched off, not used.
+        self.verify = bool(verify)
+        self.report: dict[str, str] = {}
+        self._warned: set[tuple[str, str]] = set()
+        self._checked: dict[tuple, str | None] = {}
+
+    def reset(self) -> None:
+        self.report = {}
+
+    def warn_fallbacks(self) -> None:
+        """Warn, once per op and reason over the model's life, about ops that ran their reference."""
+        new = [(op, r) for op, r in self.report.items() if r not in (FUSED, EAGER) and (op, r) not in self._warned]
+        if not new:
+            return
+        self._warned.update(new)
+        lines = "\n".join(f"  {op}: {r}" for op, r in new)
+        warnings.warn(
+            f"pevideo fast=True: these ops ran their PyTorch reference (eager path) instead of a fused kernel:\n{lines}",
+            PeVideoKernelFallbackWarning,
+            stacklevel=3,
+        )
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _fallback(self, op: str, reason: str) -> None:
+        self.report[op] = reason
+
+    def _run(self, op: str, check, reason_fn, fused, ref):
+        if not self.fast:
+            self.report[op] = EAGER
+            return ref()
+        try:
+            check()
+            reason = reason_fn()
+        except ValueError as exc:  # a shape/dtype the kernel doesn't take: the reference still does
+            reason = f"unsupported by the kernel ({exc})"
+        if reason is None:
+            try:
+                out = fused()
+            except Exception as exc:  # a kernel that fails to compile or launch must not sink the model
+                msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                reason = f"the kernel failed ({type(exc).__name__}: {msg})"
+            else:
+                key = (op, out.dtype, out.device.type)
+                if self.verify and key not in self._checked:
+                    self._checked[key] = _disagreement(out, ref())
+                reason = self._checked.get(key)
+                if reason is None:
+                    self.report[op] = FUSED
+                    return out
+        self._fallback(op, reason)
+        return ref()
+
+    # -- ops ---------------------------------------------------------------------------------------
+    def attention(
+        self,
+        op: str,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        coords: torch.Tensor | None = None,
+        freqs: torch.Tensor | None = None,
+        rope_layout: str = "interleaved",
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """:func:`pevideo_kernels.rope_attention` (same arguments), recorded under ``op``."""
+        args = (q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale)
+        return self._run(
+            op,
+            lambda: _attn._check_args(*args),
+            lambda: _attn.rope_attention_unsupported_reason(
+                q, k, v, coords=coords, freqs=freqs, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens
+            ),
+            lambda: _attn._rope_attention_fused(*args),
+            lambda: _attn.rope_attention_ref(
+                q, k, v, coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens,
+                max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, scale=scale,
+            ),
+        )
+
+    def patchify(
+        self,
+        op: str,
+        frames: torch.Tensor,
+        patch_size: int,
+        mean=None,
+        std=None,
+        rescale: float = 1 / 255,
+        out_dtype: torch.dtype | None = None,
+        frame_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:func:`pevideo_kernels.patchify_normalize` (same arguments), recorded under ``op``."""
+        args = (frames, patch_size, mean, std, rescale, out_dtype, frame_index)
+        return self._run(
+            op,
+            lambda: _patchify._check_args(*args),
+            lambda: _patchify.patchify_unsupported_reason(frames, frame_index),
+            lambda: _patchify._patchify_fused(*args),
+            lambda: _patchify.patchify_normalize_ref(*args),
+        )

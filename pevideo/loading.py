@@ -1,0 +1,247 @@
+"""Reading and writing transformers-format PE Video checkpoints (config.json + safetensors, sharded or not).
+
+Module sizes follow the checkpoint where transformers' config is unreliable (the frame head's width),
+missing or mismatched tensors raise one error that lists them, and what pevideo writes loads in
+transformers.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections import Counter
+
+import torch
+
+from .config import config_from_dict, load_config_dict
+
+__all__ = ["PretrainedMixin", "CheckpointMismatchError", "read_state_dict", "resolve_checkpoint"]
+
+_HEAD_KEY = "embedder.vision_model.timm_model.head.weight"
+_SAFE_INDEX = "model.safetensors.index.json"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors don't fit the model its config describes."""
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, **hub_kwargs) -> str:
+    """A local folder as is; otherwise a Hugging Face Hub repo id, downloaded (config and weights only)."""
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path!r} is a file; from_pretrained takes the checkpoint's folder")
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep in path.replace("/", ""):
+        raise FileNotFoundError(f"no checkpoint folder at {path!r}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            path, allow_patterns=["*.json", "*.safetensors", "*.bin"], **{k: v for k, v in hub_kwargs.items() if v is not None}
+        )
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"{path!r} is not a local checkpoint folder, and fetching it from the Hugging Face Hub failed: {exc}"
+        ) from exc
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (safetensors preferred; sharded or single file)."""
+    from safetensors.torch import load_file
+
+    def _index(name):
+        with open(os.path.join(path, name), encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [x for x in files if not os.path.isfile(os.path.join(path, x))]
+        if missing:
+            raise FileNotFoundError(f"checkpoint {path!r} is missing shard file(s) {missing} listed in {name}")
+        return files
+
+    def _load(fn):
+        full = os.path.join(path, fn)
+        try:
+            if fn.endswith(".safetensors"):
+                return load_file(full)
+            return torch.load(full, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"could not read weights file {full!r}: {exc}") from exc
+
+    if os.path.isfile(os.path.join(path, _SAFE_INDEX)):
+        files = _index(_SAFE_INDEX)
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif os.path.isfile(os.path.join(path, _BIN_INDEX)):
+        files = _index(_BIN_INDEX)
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        files = ["pytorch_model.bin"]
+    else:
+        raise FileNotFoundError(f"no weights in {path!r} (expected model.safetensors or a sharded index)")
+    state: dict[str, torch.Tensor] = {}
+    for fn in files:
+        state.update(_load(fn))
+    return state
+
+
+def _map_keys(state: dict, kind: str) -> tuple[dict, list[str]]:
+    """Checkpoint keys -> this model's keys; returns (mapped, ignored keys of other towers)."""
+    if kind == "pe_video":
+        # PeAudioVideo checkpoints (facebook/pe-av-large) hold the video model under "video_model." and
+        # the shared text tower at the root.
+        roots = ("text_model.", "video_encoder.", "text_video_head.", "video_head.", "text_video_logit_")
+        strip = ("video_model.",)
+    else:
+        roots = ("embedder.", "patch_embedder.", "layers.", "norm.", "output.")
+        strip = ("video_model.video_encoder.", "video_encoder.")
+    mapped, ignored = {}, []
+    for key, value in state.items():
+        new = key
+        for p in strip:
+            if key.startswith(p):
+                new = key[len(p) :]
+                break
+        if new.startswith(roots):
+            mapped.setdefault(new, value)
+        else:
+            ignored.append(key)
+    return mapped, ignored
+
+
+def _stored_dtype(state: dict) -> torch.dtype:
+    counts = Counter(v.dtype for v in state.values() if v.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _resolve_dtype(dtype, stored: torch.dtype) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return stored
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if str(dtype) in names:
+        return names[str(dtype)]
+    raise ValueError(f"dtype must be 'auto', a torch dtype or one of {sorted(names)}, got {dtype!r}")
+
+
+def _resolve_device(device, device_map) -> torch.device | None:
+    target = device if device is not None else device_map
+    if target is None:
+        return None
+    if target == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(target, dict):
+        devices = set(target.values())
+        if len(devices) != 1:
+            raise ValueError("pevideo places the whole model on one device; give device='cuda:0' (or device_map='auto')")
+        target = devices.pop()
+    if isinstance(target, int):
+        return torch.device("cuda", target)
+    return torch.device(target)
+
+
+def _load_checked(model: torch.nn.Module, state: dict, source: str) -> None:
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        for title, items in (("missing from the checkpoint", missing), ("not in the model", unexpected), ("wrong shape", wrong)):
+            if items:
+                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+                parts.append(f"  {len(items)} tensor(s) {title}:\n    {shown}")
+        raise CheckpointMismatchError(
+            f"checkpoint {source!r} does not match the model its config.json describes:\n" + "\n".join(parts)
+        )
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k])
+
+
+class PretrainedMixin:
+    """``from_pretrained`` / ``save_pretrained`` in transformers' folder format."""
+
+    _config_kind: str
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        fast: bool = False,
+        *,
+        dtype="auto",
+        torch_dtype=None,
+        device=None,
+        device_map=None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        token: str | None = None,
+        local_files_only: bool = False,
+    ):
+        """Load a transformers checkpoint folder (or Hub repo id).
+
+        ``fast``: use the fused kernels (falls back per op, with a warning, where they can't run).
+        ``dtype``: "auto" (the checkpoint's), a torch dtype, or "bfloat16"/"float16"/"float32".
+        ``device`` / ``device_map``: where to put the model ("auto" = CUDA when available).
+        PeAudioVideo checkpoints (e.g. facebook/pe-av-large) load too: their video and text towers.
+        """
+        path = resolve_checkpoint(
+            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only or None,
+        )
+        config = config_from_dict(load_config_dict(path), cls._config_kind)
+        state, ignored = _map_keys(read_state_dict(path), cls._config_kind)
+        head_key = ("video_encoder." if cls._config_kind == "pe_video" else "") + _HEAD_KEY
+        if head_key not in state:
+            raise CheckpointMismatchError(f"checkpoint {path!r} has no frame-encoder head ({head_key})")
+        num_classes = state[head_key].shape[0]  # transformers' config can't be trusted for this width
+        model = cls(config, fast=fast, num_classes=num_classes)
+        _load_checked(model, state, path)
+        model.ignored_checkpoint_keys = ignored
+        target_dtype = _resolve_dtype(torch_dtype if torch_dtype is not None else dtype, _stored_dtype(state))
+        del state
+        model.to(device=_resolve_device(device, device_map), dtype=target_dtype)
+        return model.eval()
+
+    def _export_config(self) -> dict:
+        cfg = copy.deepcopy(self.config)
+        enc = cfg.video_config if self._config_kind == "pe_video" else cfg
+        width = self.video_encoder.vit.args.num_classes if self._config_kind == "pe_video" else self.vit.args.num_classes
+        enc.vision_config.num_labels = width  # id2label of the head's width
+        d = cfg.to_dict()
+        vc = (d["video_config"] if self._config_kind == "pe_video" else d)["vision_config"]
+        # transformers sizes the head from num_labels when it rebuilds the nested config; keep all three in step.
+        vc["num_labels"] = width
+        vc["num_classes"] = width
+        vc["label_names"] = [f"LABEL_{i}" for i in range(width)]
+        d["architectures"] = ["PeVideoModel" if self._config_kind == "pe_video" else "PeVideoEncoder"]
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json and safetensors weights (sharded above ``max_shard_size``) loadable by transformers."""
+        from huggingface_hub import split_torch_state_dict_into_shards
+        from safetensors.torch import save_file
+
+        out = os.fspath(save_directory)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self._export_config(), f, indent=2, sort_keys=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+        for fn in os.listdir(out):  # stale shards of an earlier save would confuse the index
+            if fn.startswith("model") and (fn.endswith(".safetensors") or fn == _SAFE_INDEX):
+                os.remove(os.path.join(out, fn))
+        for fn, keys in split.filename_to_tensors.items():
+            save_file({k: state[k] for k in keys}, os.path.join(out, fn), metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": split.tensor_to_filename}
+            with open(os.path.join(out, _SAFE_INDEX), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2, sort_keys=True)

@@ -1,0 +1,476 @@
+"""PE Video in plain PyTorch: transformers' ``PeVideoEncoder`` / ``PeVideoModel``, same weights and outputs.
+
+Differences from transformers are deliberate and listed in README.md ("Differences from transformers").
+The main one for speed: padded frames are never run through the frame encoder. The real frames of all
+clips are packed into one batch; the temporal transformer then sees zeros at padded positions (which
+upstream masks out anyway, so real outputs are unchanged).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoModel, PeVideoConfig, PeVideoEncoderConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.pe_video.modeling_pe_video import PeVideoOutput
+
+from pevideo_kernels import rope_1d
+
+from .config import vit_args
+from .dispatch import Ops
+from .loading import PretrainedMixin
+from .vit import VisionModel
+
+__all__ = ["PeVideoEncoder", "PeVideoModel", "PeVideoOutput", "kernel_report"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------
+def _check_frame_size(h: int, w: int, img_size) -> None:
+    if (h, w) != tuple(img_size):
+        raise ValueError(
+            f"frames are {h}x{w} but this checkpoint's frame encoder takes {img_size[0]}x{img_size[1]}; "
+            "resize them (the processor does)"
+        )
+
+
+def _check_pixels(pv, img_size) -> None:
+    if not isinstance(pv, torch.Tensor):
+        raise TypeError(f"pixel_values_videos must be a tensor, got {type(pv).__name__}")
+    if pv.dim() != 5 or pv.shape[2] != 3:
+        raise ValueError(f"pixel_values_videos must be (batch, frames, 3, height, width), got {tuple(pv.shape)}")
+    if not pv.is_floating_point():
+        raise ValueError(
+            f"pixel_values_videos must be a float tensor (normalized pixels, as the processor returns), got {pv.dtype}"
+        )
+    if pv.shape[0] == 0 or pv.shape[1] == 0:
+        raise ValueError(f"pixel_values_videos is empty: {tuple(pv.shape)}")
+    _check_frame_size(pv.shape[3], pv.shape[4], img_size)
+
+
+def _check_uint8_videos(videos, img_size) -> None:
+    if not isinstance(videos, torch.Tensor) or videos.dtype != torch.uint8 or videos.dim() != 5 or videos.shape[-1] != 3:
+        what = f"{videos.dtype} {tuple(videos.shape)}" if isinstance(videos, torch.Tensor) else type(videos).__name__
+        raise ValueError(f"videos must be a uint8 tensor (batch, frames, height, width, 3), got {what}")
+    if videos.shape[0] == 0 or videos.shape[1] == 0:
+        raise ValueError(f"videos is empty: {tuple(videos.shape)}")
+    _check_frame_size(videos.shape[2], videos.shape[3], img_size)
+
+
+def _check_mask(m, b: int, t: int, device):
+    """Validate ``padding_mask_videos``; return (bool mask on ``device`` or None, flat real-frame indices or None)."""
+    if m is None:
+        return None, None
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"padding_mask_videos must be a tensor, got {type(m).__name__}")
+    if tuple(m.shape) != (b, t):
+        raise ValueError(f"padding_mask_videos must have shape (batch, frames) = {(b, t)}, got {tuple(m.shape)}")
+    if m.dtype != torch.bool:
+        if m.is_floating_point() or m.is_complex():
+            raise ValueError(f"padding_mask_videos must be bool or integer 0/1, got {m.dtype}")
+        if ((m != 0) & (m != 1)).any():
+            raise ValueError("padding_mask_videos must hold only 0 (padding) and 1 (real frame)")
+        m = m != 0
+    m = m.to(device)
+    empty = (~m.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"clip(s) {empty} of the batch have no real frame (padding_mask_videos is all 0 there)")
+    return m, m.flatten().nonzero().flatten()
+
+
+# --------------------------------------------------------------------------------------------------
+# Temporal encoder pieces (names as in transformers' modeling_pe_video)
+# --------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dt)
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics cover real positions only; padded positions come out as zeros."""
+
+    def forward(self, x, mask=None):  # x (B, C, S), mask (B, S) bool
+        if mask is None:
+            return super().forward(x)
+        b, c, s = x.shape
+        g = self.num_groups
+        xg = x.view(b, g, c // g, s)
+        m = mask.view(b, 1, 1, s).to(x.dtype)
+        count = m.sum(dim=(2, 3), keepdim=True) * (c // g)
+        mean = (xg * m).sum(dim=(2, 3), keepdim=True) / count
+        var = (((xg - mean) * m) ** 2).sum(dim=(2, 3), keepdim=True) / count
+        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(b, c, s)
+        if self.affine:
+            y = y * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
+        return y * mask.view(b, 1, s).to(y.dtype)
+
+
+class ConvBlock1d(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.groupnorm = MaskedGroupNorm(num_groups=1, num_channels=hidden)
+        self.activation = nn.SiLU()
+        self.project = nn.Conv1d(hidden, hidden, kernel_size=3, padding="same")
+
+    def forward(self, x, mask=None):
+        return self.project(self.activation(self.groupnorm(x, mask)))
+
+
+class ResnetBlock1d(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.block1 = ConvBlock1d(hidden)
+        self.block2 = ConvBlock1d(hidden)
+
+    def forward(self, x, mask=None):  # x (B, S, C)
+        h = x.transpose(1, 2)
+        h = h + self.block2(self.block1(h, mask), mask)
+        return h.transpose(1, 2)
+
+
+class PatchEmbedder(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.resnet_block = ResnetBlock1d(hidden)
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, hidden) * hidden**-0.5 * 0.02)
+
+    def forward(self, embeds, mask=None):
+        x = torch.cat([self.class_embedding.expand(embeds.shape[0], -1, -1).to(embeds.dtype), embeds], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask[:, :1], mask], dim=1)  # the class token takes the first frame's mask, as upstream
+        return self.resnet_block(x, mask), mask
+
+
+class Embedder(nn.Module):
+    def __init__(self, config: PeVideoEncoderConfig, ops: Ops, num_classes: int | None):
+        super().__init__()
+        a = vit_args(config.vision_config, num_classes)
+        self.vision_model = VisionModel(a, ops)
+        self.proj = nn.Linear(a.num_classes, config.hidden_size, bias=False)
+        self.data_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+
+class EncoderAttention(nn.Module):
+    def __init__(self, config: PeVideoEncoderConfig, ops: Ops):
+        super().__init__()
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self._ops = ops
+
+    def forward(self, x, rope, mask):
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        out = self._ops.attention(
+            "temporal_attention", q, k, v, coords=rope[0], freqs=rope[1], key_padding_mask=mask
+        )
+        return self.o_proj(out.view(b, s, -1))
+
+
+class EncoderMLP(nn.Module):
+    def __init__(self, config: PeVideoEncoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: PeVideoEncoderConfig, ops: Ops):
+        super().__init__()
+        self.self_attn = EncoderAttention(config, ops)
+        self.mlp = EncoderMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, rope, mask):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _rope_theta(config: PeVideoEncoderConfig) -> float:
+    rp = config.rope_parameters or {}
+    rope_type = rp.get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"video_config.rope_parameters rope_type={rope_type!r} is not supported (only 'default')")
+    return float(rp.get("rope_theta", getattr(config, "default_theta", 20000)))
+
+
+def kernel_report(model: nn.Module) -> dict[str, str]:
+    """Op name -> "fused", or the reason the op ran its PyTorch reference, as of the model's last forward."""
+    ops = getattr(model, "_ops", None)
+    if not isinstance(ops, Ops):
+        raise TypeError("kernel_report takes a pevideo PeVideoModel or PeVideoEncoder")
+    return dict(ops.report)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public models
+# --------------------------------------------------------------------------------------------------
+class PeVideoEncoder(PretrainedMixin, nn.Module):
+    """PE Video's video tower: per-frame PE-Core ViT, then a temporal transformer over the clip.
+
+    ``forward(pixel_values_videos, padding_mask_videos=None)``:
+      * ``pixel_values_videos``: (batch, frames, 3, S, S) float, normalized as the processor returns.
+      * ``padding_mask_videos``: (batch, frames) bool or 0/1 ints, True/1 = real frame. Optional.
+    Returns ``BaseModelOutputWithPooling`` with ``last_hidden_state`` (batch, frames, hidden) and
+    ``pooler_output`` (batch, hidden). Padded frames are never encoded; the temporal transformer sees a
+    zero vector at their positions, so the rows of ``last_hidden_state`` at padded frames hold values
+    computed from that zero input. They mean nothing (upstream's hold values computed from the padded
+    pixels, which mean nothing either): mask them out. Real rows and ``pooler_output`` equal upstream's.
+    """
+
+    config_class = PeVideoEncoderConfig
+    _config_kind = "pe_video_encoder"
+
+    def __init__(self, config: PeVideoEncoderConfig, fast: bool = False, *, num_classes: int | None = None, _ops: Ops | None = None):
+        super().__init__()
+        if isinstance(config, dict):
+            config = PeVideoEncoderConfig(**config)
+        self.config = config
+        self.fast = bool(fast)
+        self._ops = _ops if _ops is not None else Ops(fast)
+        self.embedder = Embedder(config, self._ops, num_classes)
+        self.patch_embedder = PatchEmbedder(config.hidden_size)
+        self.layers = nn.ModuleList(EncoderLayer(config, self._ops) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self._rope_theta = _rope_theta(config)
+        self._head_dim = self.layers[0].self_attn.head_dim if len(self.layers) else 0
+        #: encode at most this many frames per frame-encoder call (bounds activation memory); None = all
+        self.frame_batch_size: int | None = None
+        self._init_temporal()
+
+    @torch.no_grad()
+    def _init_temporal(self):
+        std = self.config.initializer_range
+        for name, m in self.named_modules():
+            if name.startswith("embedder.vision_model"):
+                continue
+            if isinstance(m, (nn.Linear, nn.Conv1d)):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def vit(self):
+        return self.embedder.vision_model.timm_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.weight.dtype
+
+    def encode_frames(self, pixels: torch.Tensor, frame_index: torch.Tensor | None, norm: dict | None = None) -> torch.Tensor:
+        """Frame encoder on ``pixels`` (N, 3, S, S) float, or (N, S, S, 3) uint8 with ``norm``, at
+        ``frame_index`` (F,): returns the (F, hidden) inputs of the temporal transformer."""
+        vit = self.vit
+        if pixels.device != self.device:
+            pixels = pixels.to(self.device, non_blocking=True)
+        if frame_index is not None and frame_index.device != pixels.device:
+            frame_index = frame_index.to(pixels.device)
+        n = pixels.shape[0] if frame_index is None else frame_index.numel()
+        step = self.frame_batch_size or n
+        if step >= n:
+            logits = vit(pixels, frame_index, norm)
+        else:
+            idx = frame_index if frame_index is not None else torch.arange(n, device=pixels.device)
+            logits = torch.cat([vit(pixels, idx[i : i + step], norm) for i in range(0, n, step)])
+        feats = F.normalize(logits, dim=-1)
+        return self.embedder.data_proj(self.embedder.proj(feats))
+
+    def _run(self, frames, b: int, t: int, mask, real, norm):
+        if mask is not None and real.numel() == b * t:
+            real = None  # nothing is padding: skip the gather and scatter
+        emb = self.encode_frames(frames, real, norm)
+        if real is not None:
+            # Padded positions get zeros; the temporal block masks them out of every real output.
+            full = emb.new_zeros(b * t, emb.shape[-1])
+            emb = full.index_copy(0, real.to(emb.device), emb)
+        x = emb.view(b, t, -1)
+        if mask is not None:
+            mask = mask.to(x.device)
+        x, mask = self.patch_embedder(x, mask)
+        s = x.shape[1]
+        coords, freqs = rope_1d(s, self._head_dim, theta=self._rope_theta, device=x.device)
+        rope = (coords.expand(b, s, 3).contiguous(), freqs)
+        for layer in self.layers:
+            x = layer(x, rope, mask)
+        x = self.output(self.norm(x))
+        out = BaseModelOutputWithPooling(last_hidden_state=x[:, 1:], pooler_output=x[:, 0])
+        self._ops.warn_fallbacks()
+        return out
+
+    def forward(self, pixel_values_videos: torch.Tensor, padding_mask_videos: torch.Tensor | None = None, return_dict: bool | None = None):
+        self._ops.reset()
+        pv = pixel_values_videos
+        _check_pixels(pv, self.vit.args.img_size)
+        b, t = pv.shape[:2]
+        mask, real = _check_mask(padding_mask_videos, b, t, pv.device)
+        out = self._run(pv.reshape(b * t, *pv.shape[2:]), b, t, mask, real, None)
+        return out if return_dict is not False else out.to_tuple()
+
+    def forward_uint8(
+        self,
+        videos: torch.Tensor,
+        padding_mask_videos: torch.Tensor | None = None,
+        *,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        rescale_factor: float = 1 / 255,
+    ) -> BaseModelOutputWithPooling:
+        """:meth:`forward` on resized uint8 frames ``videos`` (batch, frames, S, S, 3), normalizing inside
+        the patchify op: ``(x * rescale_factor - mean) / std`` per channel, as the processor would. Saves
+        building (and copying to the GPU) a float32 ``pixel_values_videos``."""
+        self._ops.reset()
+        _check_uint8_videos(videos, self.vit.args.img_size)
+        b, t = videos.shape[:2]
+        mask, real = _check_mask(padding_mask_videos, b, t, videos.device)
+        norm = dict(mean=tuple(image_mean), std=tuple(image_std), rescale=float(rescale_factor))
+        return self._run(videos.reshape(b * t, *videos.shape[2:]), b, t, mask, real, norm)
+
+
+class ContrastiveHead(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(in_dim, eps=1e-6)
+        self.proj = nn.Linear(in_dim, out_dim, bias=False)
+
+    def forward(self, x):
+        return self.proj(self.layer_norm(x))
+
+
+class PeVideoModel(PretrainedMixin, nn.Module):
+    """PE Video: video tower + ModernBERT text tower + contrastive heads, as transformers' ``PeVideoModel``.
+
+    ``forward(input_ids, pixel_values_videos, attention_mask=None, padding_mask_videos=None,
+    return_loss=None)`` returns transformers' ``PeVideoOutput``: ``logits_video_text`` (videos, texts),
+    ``text_video_embeds`` (texts, D), ``video_embeds`` (videos, D), ``text_outputs``, ``video_outputs``
+    (``last_hidden_state``, ``pooler_output``; see :class:`PeVideoEncoder` for padded rows) and ``loss``.
+    Build with ``PeVideoModel(config, fast=...)`` or ``PeVideoModel.from_pretrained(path, fast=...)``.
+    """
+
+    config_class = PeVideoConfig
+    _config_kind = "pe_video"
+
+    def __init__(self, config: PeVideoConfig, fast: bool = False, *, num_classes: int | None = None):
+        super().__init__()
+        if isinstance(config, dict):
+            config = PeVideoConfig(**config)
+        self.config = config
+        self.fast = bool(fast)
+        self._ops = Ops(fast)
+        self.text_model = AutoModel.from_config(config.text_config)
+        self.video_encoder = PeVideoEncoder(config.video_config, fast, num_classes=num_classes, _ops=self._ops)
+        text_hidden = config.text_config.hidden_size
+        self.text_video_head = ContrastiveHead(text_hidden, text_hidden)
+        self.video_head = ContrastiveHead(config.video_config.hidden_size, text_hidden)
+        self.text_video_logit_scale = nn.Parameter(torch.zeros(1))
+        self.text_video_logit_bias = nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.video_head.proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.video_head.proj.weight.dtype
+
+    def get_video_features(self, pixel_values_videos, padding_mask_videos=None, return_dict: bool | None = None):
+        """Video tower outputs with ``pooler_output`` replaced by the video embedding (videos, D)."""
+        out = self.video_encoder(pixel_values_videos, padding_mask_videos)
+        out.pooler_output = self.video_head(out.pooler_output)
+        return out if return_dict is not False else out.to_tuple()
+
+    def get_video_features_uint8(self, videos, padding_mask_videos=None, *, image_mean=(0.5, 0.5, 0.5),
+                                 image_std=(0.5, 0.5, 0.5), rescale_factor: float = 1 / 255):
+        """:meth:`get_video_features` on resized uint8 frames (batch, frames, S, S, 3); see
+        :meth:`PeVideoEncoder.forward_uint8`."""
+        out = self.video_encoder.forward_uint8(
+            videos, padding_mask_videos, image_mean=image_mean, image_std=image_std, rescale_factor=rescale_factor
+        )
+        out.pooler_output = self.video_head(out.pooler_output)
+        return out
+
+    def get_text_features(self, input_ids, attention_mask=None, return_dict: bool | None = None):
+        """Text tower outputs with ``pooler_output`` = the text embedding (texts, D) of token 0.
+
+        (Upstream's in-``__init__`` draft applied the head to every token; this returns what
+        ``forward`` uses as ``text_video_embeds``.)
+        """
+        self._ops.reset()
+        out = self._text(input_ids, attention_mask)
+        out.pooler_output = self.text_video_head(out.last_hidden_state[:, 0])
+        return out if return_dict is not False else out.to_tuple()
+
+    def _text(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor (texts, tokens), got {shape}")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        dev = self.device
+        return self.text_model(
+            input_ids=input_ids.to(dev), attention_mask=None if attention_mask is None else attention_mask.to(dev)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values_videos: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask_videos: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> PeVideoOutput:
+        video_outputs = self.video_encoder(pixel_values_videos, padding_mask_videos)
+        text_outputs = self._text(input_ids, attention_mask)
+        video_embeds = self.video_head(video_outputs.pooler_output)
+        text_video_embeds = self.text_video_head(text_outputs.last_hidden_state[:, 0])
+        logits = video_embeds @ text_video_embeds.t()
+        logits = logits * self.text_video_logit_scale + self.text_video_logit_bias
+        loss = None
+        if return_loss:
+            n_v, n_t = logits.shape
+            if n_v != n_t:
+                raise ValueError(f"return_loss needs matched video/text pairs; got {n_v} videos and {n_t} texts")
+            # Sigmoid loss: +1 for matching pairs, -1 for every other pair (upstream used 0 there).
+            labels = 2 * torch.eye(n_v, device=logits.device, dtype=logits.dtype) - 1
+            loss = -F.logsigmoid(labels * logits).sum() / n_v
+        out = PeVideoOutput(
+            loss=loss,
+            logits_video_text=logits,
+            text_video_embeds=text_video_embeds,
+            video_embeds=video_embeds,
+            text_outputs=text_outputs,
+            video_outputs=video_outputs,
+        )
+        return out if return_dict is not False else out.to_tuple()

@@ -1,0 +1,727 @@
+"""PE Video's processors: frames or video files in, model inputs out, as transformers computes them.
+
+:class:`PeVideoVideoProcessor` reads the same preprocessor files as transformers' and produces the same
+``pixel_values_videos``: frames sampled with upstream's rule, resized to S×S with torchvision's
+antialiased bilinear on uint8 (the same ``torch.nn.functional.interpolate`` call torchvision makes, so
+no torchvision is needed), then ``(x − mean·255) / (std·255)`` in float32 as transformers' fused
+rescale+normalize computes it. Where it differs, it is on purpose (see the class docstring).
+
+:class:`PeVideoProcessor` pairs it with the checkpoint's tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .video import (
+    VideoMetadata,
+    _check_fps,
+    _check_num_frames,
+    _read_video,
+    _source_name,
+    uniform_indices,
+    upstream_fps_indices,
+)
+
+__all__ = ["PeVideoVideoProcessor", "PeVideoProcessor"]
+
+VIDEO_PROCESSOR_NAME = "video_preprocessor_config.json"
+PROCESSOR_NAME = "processor_config.json"
+IMAGE_PROCESSOR_NAME = "preprocessor_config.json"
+
+# PIL resampling codes, as preprocessor configs store them.
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}
+_RESAMPLE_NAMES = {"bilinear": 2, "bicubic": 3}
+
+# Per-call options; anything else is refused rather than silently ignored.
+_CALL_KWARGS = frozenset(
+    {
+        "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+        "image_std", "do_convert_rgb", "do_sample_frames", "num_frames", "fps", "video_metadata",
+        "return_tensors", "return_metadata", "device", "input_data_format", "do_center_crop", "crop_size",
+        "data_format", "default_to_square",
+    }
+)
+# Config keys the processor stores (and saves); the rest of a config file is ignored.
+_CONFIG_KEYS = (
+    "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+    "image_std", "do_convert_rgb", "do_sample_frames", "num_frames", "fps", "do_center_crop", "crop_size",
+    "default_to_square", "return_metadata",
+)
+
+
+# What transformers' PeVideoVideoProcessor uses for a key its config file leaves out.
+_UPSTREAM_DEFAULTS = dict(
+    do_resize=None, size=None, resample=2, do_rescale=None, rescale_factor=1 / 255, do_normalize=None,
+    image_mean=None, image_std=None, do_convert_rgb=None, do_sample_frames=None, num_frames=None, fps=None,
+    do_center_crop=None, crop_size=None, default_to_square=True, return_metadata=False,
+)
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
+
+
+# --------------------------------------------------------------------------------------------------
+# Resize, crop, normalize: the tensor ops transformers/torchvision run, without torchvision
+# --------------------------------------------------------------------------------------------------
+def _native_uint8_resize(mode: str, device: torch.device) -> bool:
+    """Whether torchvision resizes uint8 directly (else via float32 and rounding), as it decides."""
+    if device.type != "cpu":
+        return False
+    if mode == "bilinear":  # torchvision's rule: the uint8 kernel is only faster with these
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+    return True
+
+
+def resize_uint8(frames: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize uint8 frames (T, C, H, W) to ``size`` = (h, w) exactly as torchvision's ``resize`` does.
+
+    Antialiased bilinear (or bicubic), align_corners=False. On CPU with AVX2/AVX512 (or ARM) the uint8
+    kernel runs directly; elsewhere (other CPUs, GPUs) in float32, rounded back to uint8. Same device,
+    same result as upstream. Returns uint8 (T, C, h, w); the input itself when the size already matches.
+    """
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    if _native_uint8_resize(mode, frames.device):
+        return F.interpolate(frames, size=list(size), mode=mode, align_corners=False, antialias=True)
+    x = F.interpolate(frames.to(torch.float32), size=list(size), mode=mode, align_corners=False, antialias=True)
+    if mode == "bicubic":
+        x = x.clamp_(0, 255)  # bicubic overshoots; bilinear's weights are all positive
+    return x.round_().to(torch.uint8)
+
+
+def _center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """transformers' center crop on (T, C, H, W): zero-pad if smaller, then crop at int((H − h)/2)."""
+    ch, cw = size
+    h, w = frames.shape[-2:]
+    if ch > h or cw > w:
+        pad_w = (cw - w) if cw > w else 0
+        pad_h = (ch - h) if ch > h else 0
+        frames = F.pad(frames, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+        h, w = frames.shape[-2:]
+        if (ch, cw) == (h, w):
+            return frames
+    top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
+    return frames[..., top : top + ch, left : left + cw]
+
+
+def _channel_list(v, name):
+    if isinstance(v, (int, float)):
+        return [float(v)] * 3
+    vals = [float(x) for x in v]
+    if len(vals) != 3:
+        raise ValueError(f"{name} needs 3 values (one per RGB channel), got {vals}")
+    return vals
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+def _is_array(x):
+    return isinstance(x, (np.ndarray, torch.Tensor))
+
+
+def _is_source(x):
+    return isinstance(x, (str, os.PathLike)) or (hasattr(x, "read") and not _is_array(x))
+
+
+def _split_clips(videos) -> list:
+    """A batch as a list of clips; each clip a path/file object or an array of frames."""
+    if _is_source(videos):
+        return [videos]
+    if _is_array(videos):
+        if videos.ndim == 5:
+            return list(videos)
+        if videos.ndim == 4:
+            return [videos]
+        if videos.ndim == 3:  # a single frame
+            return [videos[None]]
+        raise ValueError(f"videos must be (T, H, W, 3) frames or a (B, T, H, W, 3) batch, got shape {tuple(videos.shape)}")
+    if isinstance(videos, (list, tuple)):
+        if len(videos) == 0:
+            raise ValueError("no videos given (empty list)")
+        if all(_is_array(v) and v.ndim == 3 for v in videos):  # one clip given as a list of frames
+            return [_stack_frames(videos, 0)]
+        clips = []
+        for i, v in enumerate(videos):
+            if _is_source(v) or (_is_array(v) and v.ndim == 4):
+                clips.append(v)
+            elif isinstance(v, (list, tuple)) and v and all(_is_array(f) and f.ndim == 3 for f in v):
+                clips.append(_stack_frames(v, i))
+            elif isinstance(v, (list, tuple)) and len(v) == 0:
+                raise ValueError(f"video {i} has no frames")
+            else:
+                what = f"shape {tuple(v.shape)}" if _is_array(v) else type(v).__name__
+                raise ValueError(
+                    f"video {i}: expected a path, a file object, (T, H, W, 3) frames or a list of (H, W, 3) frames; got {what}"
+                )
+        return clips
+    raise ValueError(
+        "videos must be a path, a file object, a (T, H, W, 3) uint8 array/tensor, or a list of these; "
+        f"got {type(videos).__name__}"
+    )
+
+
+def _stack_frames(frames, i):
+    shapes = {tuple(f.shape) for f in frames}
+    if len(shapes) != 1:
+        raise ValueError(f"video {i}: its frames have different shapes {sorted(shapes)}")
+    if all(isinstance(f, torch.Tensor) for f in frames):
+        return torch.stack(list(frames))
+    return np.stack([np.asarray(f) for f in frames])
+
+
+def _as_tensor(arr) -> torch.Tensor:
+    if isinstance(arr, torch.Tensor):
+        return arr
+    if any(s < 0 for s in arr.strides):
+        arr = np.ascontiguousarray(arr)
+    with warnings.catch_warnings():  # read-only arrays (e.g. from np.broadcast_to) are only read here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def _channels_first(clip: torch.Tensor, i: int, input_data_format) -> torch.Tensor:
+    """(T, H, W, C) or (T, C, H, W) uint8 -> (T, C, H, W) view, checking dtype and channels."""
+    if clip.dtype != torch.uint8:
+        raise ValueError(
+            f"video {i}: frames must be uint8 (0..255) as decoded, got {clip.dtype}; "
+            "float frames are ambiguous (0..1 or 0..255), convert them to uint8 first"
+        )
+    if clip.ndim != 4:
+        raise ValueError(f"video {i}: expected (T, H, W, 3) frames, got shape {tuple(clip.shape)}")
+    fmt = input_data_format.value if hasattr(input_data_format, "value") else input_data_format
+    if fmt is None:
+        first, last = clip.shape[1] in (1, 3), clip.shape[3] in (1, 3)
+        if first and last:
+            # transformers' choice when both fit; pass input_data_format to say otherwise
+            warnings.warn(f"video {i}: shape {tuple(clip.shape)} is ambiguous; reading it as (T, C, H, W)")
+            fmt = "channels_first"
+        elif last:
+            fmt = "channels_last"
+        elif first:
+            fmt = "channels_first"
+        else:
+            raise ValueError(
+                f"video {i}: expected RGB frames (T, H, W, 3), got shape {tuple(clip.shape)} "
+                f"(channels would be {clip.shape[3]}); convert to 3-channel RGB first"
+            )
+    if fmt == "channels_last":
+        clip = clip.permute(0, 3, 1, 2)
+    elif fmt != "channels_first":
+        raise ValueError(f"input_data_format must be 'channels_last' or 'channels_first', got {input_data_format!r}")
+    if clip.shape[1] not in (1, 3):
+        raise ValueError(f"video {i}: frames have {clip.shape[1]} channels; give RGB (3) or grayscale (1)")
+    if clip.shape[0] == 0:
+        raise ValueError(f"video {i} has no frames")
+    if clip.shape[2] == 0 or clip.shape[3] == 0:
+        raise ValueError(f"video {i}: frames are empty ({clip.shape[2]}x{clip.shape[3]})")
+    return clip
+
+
+def _meta_get(meta, key):
+    """A field of video metadata given as a mapping (dict, ours) or an object (transformers')."""
+    if meta is None:
+        return None
+    if isinstance(meta, Mapping):
+        return meta.get(key)
+    return getattr(meta, key, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Video processor
+# --------------------------------------------------------------------------------------------------
+class PeVideoVideoProcessor:
+    """PE Video's video processor: clips to ``pixel_values_videos`` (B, T_max, 3, S, S).
+
+    A drop-in for transformers' ``PeVideoVideoProcessor`` without torchvision: same config files, same
+    sampling, resize and normalization, so outputs match upstream's bit for bit on the same device
+    (tests allow one uint8 level before normalization). Call it as upstream's::
+
+        proc = PeVideoVideoProcessor.from_pretrained(path)
+        inputs = proc(videos, num_frames=16, return_tensors="pt").to(device)
+
+    ``videos``: a path or binary file object (decoded with :func:`pevideo.load_video`, only the sampled
+    frames), uint8 frames (T, H, W, 3) as a numpy array or tensor (or (T, 3, H, W)), a list of frames,
+    or a list of clips (of different lengths and sizes). Grayscale (1 channel) frames are repeated to
+    RGB when ``do_convert_rgb``; other channel counts and non-uint8 frames raise ValueError.
+
+    Sampling follows upstream: ``num_frames=n`` takes ``int(i·(N−1)/(n−1))`` (n = 1 takes frame 0,
+    where upstream divides by zero), ``fps=f`` takes ``max(1, int(N/src_fps·f))`` frames at
+    ``i·N // n`` (the source fps comes from the file, or from ``video_metadata`` for arrays). Deliberate
+    differences: ``num_frames``/``fps`` given in the call always sample (upstream ignores them unless
+    the config sets ``do_sample_frames``), and a call's ``fps`` wins over a config's ``num_frames``.
+
+    With ``return_tensors`` ("pt" or "np") the result holds ``pixel_values_videos`` (B, T_max, 3, h, w)
+    float32 (padded frames are 0) and always ``padding_mask_videos`` (B, T_max) bool, True for real
+    frames (upstream returns the mask only when lengths differ). Without, ``pixel_values_videos`` is a
+    list of (T_i, 3, h, w) tensors, as upstream.
+    """
+
+    model_input_names = ["pixel_values_videos", "padding_mask_videos"]
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size=None,
+        resample=2,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        do_convert_rgb: bool = True,
+        do_sample_frames: bool | None = None,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        do_center_crop: bool | None = None,
+        crop_size=None,
+        default_to_square: bool = True,
+        return_metadata: bool = False,
+        **unused,
+    ):
+        """Defaults are PE Video's preprocessing (336×336, bilinear, mean = std = 0.5); a config loaded
+        with :meth:`from_pretrained` gets upstream's meaning for the keys it leaves out instead."""
+        if unused.get("do_pad"):
+            raise NotImplementedError("do_pad=True is not supported by PE Video's processor")
+        self.do_resize = do_resize
+        self.size = {"height": 336, "width": 336} if size is None else size
+        self.resample = resample
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = list(image_mean) if isinstance(image_mean, (list, tuple)) else image_mean
+        self.image_std = list(image_std) if isinstance(image_std, (list, tuple)) else image_std
+        self.do_convert_rgb = do_convert_rgb
+        self.do_sample_frames = do_sample_frames
+        self.num_frames = num_frames
+        self.fps = fps
+        self.do_center_crop = do_center_crop
+        self.crop_size = crop_size
+        self.default_to_square = default_to_square
+        self.return_metadata = return_metadata
+        self._settings({})  # validate now, not at the first call
+
+    # ---- configuration -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "PeVideoVideoProcessor":
+        """Load from a directory, a config JSON file, or a Hub id (through transformers' cache).
+
+        Looks, as transformers does, for ``processor_config.json`` holding a ``video_processor``
+        entry, then ``video_preprocessor_config.json``, then ``preprocessor_config.json``. Keyword
+        arguments that name a setting override the file; ``cache_dir``, ``revision``, ``token``,
+        ``local_files_only``, ``subfolder`` go to the download.
+        """
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        unknown = set(kwargs) - set(_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}; known: {list(_CONFIG_KEYS)}")
+        # A key the file leaves out means what it means upstream (mostly: off), not our defaults.
+        config = {**_UPSTREAM_DEFAULTS, **_load_video_config(pretrained_model_name_or_path, **hub), **kwargs}
+        return cls(**config)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in _CONFIG_KEYS}
+        d["video_processor_type"] = "PeVideoVideoProcessor"
+        return d
+
+    def save_pretrained(self, save_directory) -> list[str]:
+        """Write ``video_preprocessor_config.json`` (readable by transformers' processor too)."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, VIDEO_PROCESSOR_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        return [path]
+
+    def __repr__(self):
+        return f"{type(self).__name__} {json.dumps(self.to_dict(), indent=2, sort_keys=True)}"
+
+    def _settings(self, kw) -> dict:
+        """Merge call options over the config and check them; returns the resolved settings."""
+        get = lambda k: kw[k] if kw.get(k) is not None else getattr(self, k)  # noqa: E731
+        s = {}
+        s["do_resize"] = bool(get("do_resize"))
+        s["size"] = _size_hw(get("size"), get("default_to_square")) if s["do_resize"] else None
+        resample = get("resample")
+        if hasattr(resample, "value"):  # PILImageResampling / InterpolationMode enums
+            resample = resample.value
+        if isinstance(resample, str):
+            resample = _RESAMPLE_NAMES.get(resample.lower(), resample)
+        if resample not in _RESAMPLE:
+            raise NotImplementedError(
+                f"resample={resample!r} is not supported; PE Video uses bilinear (2); bicubic (3) also works"
+            )
+        s["mode"] = _RESAMPLE[resample]
+        s["do_rescale"] = bool(get("do_rescale"))
+        rf = get("rescale_factor")
+        if s["do_rescale"] and (isinstance(rf, bool) or not isinstance(rf, (int, float)) or not math.isfinite(rf) or rf == 0):
+            raise ValueError(f"rescale_factor must be a finite non-zero number, got {rf!r}")
+        s["rescale_factor"] = rf
+        s["do_normalize"] = bool(get("do_normalize"))
+        if s["do_normalize"]:
+            s["mean"] = _channel_list(get("image_mean"), "image_mean")
+            s["std"] = _channel_list(get("image_std"), "image_std")
+            if any(v == 0 for v in s["std"]):
+                raise ValueError(f"image_std must be non-zero, got {s['std']}")
+        s["do_convert_rgb"] = bool(get("do_convert_rgb"))
+        s["crop"] = _size_hw(get("crop_size"), True) if get("do_center_crop") else None
+        if get("do_center_crop") and s["crop"] is None:
+            raise ValueError("do_center_crop needs crop_size")
+        fmt = kw.get("data_format")
+        fmt = fmt.value if hasattr(fmt, "value") else fmt
+        if fmt not in (None, "channels_first"):
+            raise NotImplementedError(f"data_format={fmt!r}: outputs are channels-first (B, T, 3, H, W)")
+        return s
+
+    def _sampling(self, kw):
+        """('n', n), ('fps', f) or None, from the call's and the config's options."""
+        n, fps, dsf = kw.get("num_frames"), kw.get("fps"), kw.get("do_sample_frames")
+        if n is not None and fps is not None:
+            raise ValueError("give num_frames or fps, not both")
+        if dsf is False and (n is not None or fps is not None):
+            raise ValueError("do_sample_frames=False contradicts the num_frames/fps given")
+        if n is not None:
+            return ("n", _check_num_frames(n))
+        if fps is not None:
+            return ("fps", _check_fps(fps))
+        if dsf if dsf is not None else self.do_sample_frames:
+            if self.num_frames:  # upstream's order: the config's num_frames, else its fps
+                return ("n", _check_num_frames(self.num_frames))
+            if self.fps:
+                return ("fps", _check_fps(self.fps))
+        return None
+
+    # ---- the pipeline --------------------------------------------------------------------------
+    def __call__(self, videos, **kwargs):
+        return self.preprocess(videos, **kwargs)
+
+    def preprocess(self, videos, **kwargs):
+        """Process ``videos`` (see the class docstring); returns a ``transformers.BatchFeature``.
+
+        Options (each overrides the config for this call): ``num_frames``, ``fps``,
+        ``do_sample_frames``, ``video_metadata`` (dict/:class:`~pevideo.video.VideoMetadata` per
+        array clip, for fps sampling), ``return_tensors`` ("pt", "np" or None), ``return_metadata``,
+        ``device`` (process there: resize and normalize on the GPU), ``input_data_format``, and the
+        config's ``size``, ``resample``, ``do_resize``, ``do_rescale``, ``rescale_factor``,
+        ``do_normalize``, ``image_mean``, ``image_std``, ``do_convert_rgb``, ``do_center_crop``,
+        ``crop_size``.
+        """
+        from transformers import BatchFeature
+
+        unknown = set(kwargs) - _CALL_KWARGS
+        if unknown:
+            raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(_CALL_KWARGS)}")
+        s = self._settings(kwargs)
+        return_tensors = kwargs.get("return_tensors")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        clips, metas = self._load(videos, kwargs, s)
+
+        if s["do_normalize"] or s["do_rescale"]:
+            out_dtype = torch.float32
+        else:
+            out_dtype = torch.uint8  # upstream leaves frames as they are
+        device = clips[0].device
+        if return_tensors is None:
+            pixel_values = []
+            for c in clips:
+                o = torch.empty(c.shape, dtype=out_dtype, device=device)
+                self._normalize_into(o, c, s)
+                pixel_values.append(o)
+            data = {"pixel_values_videos": pixel_values}
+        else:
+            lengths = [c.shape[0] for c in clips]
+            t_max = max(lengths)
+            shapes = {tuple(c.shape[1:]) for c in clips}
+            if len(shapes) != 1:
+                raise ValueError(f"clips end up with different frame sizes {sorted(shapes)}; set size (do_resize) to batch them")
+            pv = torch.zeros((len(clips), t_max, *clips[0].shape[1:]), dtype=out_dtype, device=device)
+            for b, c in enumerate(clips):
+                self._normalize_into(pv[b, : c.shape[0]], c, s)
+            mask = torch.arange(t_max, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+            if return_tensors == "np":
+                pv, mask = pv.cpu().numpy(), mask.cpu().numpy()
+            data = {"pixel_values_videos": pv, "padding_mask_videos": mask}
+        if kwargs.get("return_metadata", self.return_metadata):
+            data["video_metadata"] = metas
+        return BatchFeature(data=data)
+
+    def to_patches(self, videos, patch_size: int, *, out_dtype: torch.dtype | None = None, device=None, **kwargs):
+        """Clips straight to normalized patch rows: decode/sample, resize on ``device``, then one fused
+        normalize+patchify kernel (:func:`pevideo_kernels.patchify_normalize`).
+
+        uint8 frames go to the device as they are (4× less than float32 over PCIe), are resized there
+        (uint8 in, uint8 out, as upstream rounds), and are written once, as patches, in ``out_dtype``.
+        Same values as ``patchify(self(videos, ...).pixel_values_videos)`` for the real frames, since
+        every step runs the same ops (check it on CPU, where it is the same code).
+
+        Returns ``(patches, lengths)``: patches (ΣT_i, (h/p)·(w/p), 3·p·p) with the clips' frames packed
+        in order, features ordered (c, kh, kw); lengths (B,) int64, frames per clip. Takes the same
+        options as :meth:`preprocess` (except return_tensors).
+        """
+        from pevideo_kernels import patchify_normalize
+
+        if "return_tensors" in kwargs:
+            raise ValueError("to_patches returns tensors; return_tensors does not apply")
+        if device is not None:
+            kwargs["device"] = device
+        unknown = set(kwargs) - _CALL_KWARGS
+        if unknown:
+            raise ValueError(f"unknown options {sorted(unknown)}")
+        s = self._settings(kwargs)
+        clips, _ = self._load(videos, kwargs, s)
+        shapes = {tuple(c.shape[1:]) for c in clips}
+        if len(shapes) != 1:
+            raise ValueError(f"clips end up with different frame sizes {sorted(shapes)}; set size (do_resize) to batch them")
+        frames = clips[0] if len(clips) == 1 else torch.cat(clips)
+        mean = std = None
+        rescale = s["rescale_factor"] if s["do_rescale"] else 1.0
+        if s["do_normalize"]:
+            mean, std = s["mean"], s["std"]
+        patches = patchify_normalize(frames.permute(0, 2, 3, 1), patch_size, mean, std, rescale, out_dtype)
+        lengths = torch.tensor([c.shape[0] for c in clips], dtype=torch.int64, device=frames.device)
+        return patches, lengths
+
+    def _normalize_into(self, out, clip, s):
+        """Write the normalized clip into ``out``: the float32 ops of transformers' fused path."""
+        if s["do_normalize"]:
+            m = torch.tensor(s["mean"], dtype=torch.float32, device=out.device)
+            d = torch.tensor(s["std"], dtype=torch.float32, device=out.device)
+            if s["do_rescale"]:  # upstream folds the rescale into mean and std
+                m, d = m * (1.0 / s["rescale_factor"]), d * (1.0 / s["rescale_factor"])
+            torch.sub(clip, m[:, None, None], out=out)
+            out.div_(d[:, None, None])
+        elif s["do_rescale"]:
+            out.copy_(clip)
+            out.mul_(s["rescale_factor"])
+        else:
+            out.copy_(clip)
+
+    def _load(self, videos, kw, s):
+        """Clips as uint8 (T, 3, h, w) tensors on the target device, sampled, resized, cropped."""
+        sampling = self._sampling(kw)
+        items = _split_clips(videos)
+        metadata = kw.get("video_metadata")
+        if metadata is not None and not isinstance(metadata, (list, tuple)):
+            metadata = [metadata]
+        if metadata is not None and len(metadata) != len(items):
+            raise ValueError(f"got {len(items)} videos but {len(metadata)} video_metadata entries; give one per video")
+        device = kw.get("device")
+        decoded = _decode_sources(items, sampling)
+        clips, metas = [], []
+        for i, item in enumerate(items):
+            if i in decoded:
+                frames, meta = decoded[i]
+                clip = torch.from_numpy(frames).permute(0, 3, 1, 2)
+            else:
+                clip = _channels_first(_as_tensor(item), i, kw.get("input_data_format"))
+                meta_in = metadata[i] if metadata is not None else None
+                clip, meta = _sample_array(clip, sampling, meta_in, i)
+            if device is not None:
+                clip = clip.to(device)
+            if clip.shape[1] == 1:
+                if not s["do_convert_rgb"]:
+                    raise ValueError(f"video {i} is grayscale; set do_convert_rgb=True to repeat it to RGB")
+                clip = clip.expand(-1, 3, -1, -1)
+            if s["size"] is not None:
+                clip = resize_uint8(clip, s["size"], s["mode"])
+            if s["crop"] is not None:
+                clip = _center_crop(clip, s["crop"])
+            clips.append(clip)
+            metas.append(meta)
+        return clips, metas
+
+
+def _decode_sources(items, sampling) -> dict:
+    """Decode the clips given as files, several at once (PyAV releases the GIL while decoding)."""
+    jobs = {i: item for i, item in enumerate(items) if _is_source(item)}
+
+    def work(item):
+        return _read_video(item, _selector(sampling, _source_name(item)))
+
+    workers = min(len(jobs), os.cpu_count() or 1, 8)
+    # File objects are read one at a time (the same object may appear twice); paths in parallel.
+    if workers <= 1 or not all(isinstance(item, (str, os.PathLike)) for item in jobs.values()):
+        return {i: work(item) for i, item in jobs.items()}
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(jobs, pool.map(work, jobs.values())))
+
+
+def _size_hw(size, default_to_square=True):
+    if size is None:
+        raise ValueError("do_resize needs size, e.g. {'height': 336, 'width': 336}")
+    if isinstance(size, int) and not isinstance(size, bool):
+        if not default_to_square:
+            raise NotImplementedError("size as a shortest edge (default_to_square=False) is not supported")
+        h = w = size
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        h, w = size
+    elif isinstance(size, Mapping) and "height" in size and "width" in size:
+        h, w = size["height"], size["width"]
+    else:
+        raise NotImplementedError(f"size={size!r}: only a fixed height and width (PE Video's) is supported")
+    h, w = int(h), int(w)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"size must be positive, got {h}x{w}")
+    return h, w
+
+
+def _selector(sampling, name):
+    def select(total, times, duration, src_fps):
+        if sampling is None:
+            return list(range(total))
+        kind, v = sampling
+        if kind == "n":
+            return uniform_indices(total, v)
+        return upstream_fps_indices(total, src_fps, v, name)
+
+    return select
+
+
+def _sample_array(clip, sampling, meta, i):
+    total = clip.shape[0]
+    declared = _meta_get(meta, "total_num_frames")
+    if declared is not None and int(declared) != total:
+        raise ValueError(
+            f"video {i}: video_metadata says {declared} frames but the clip has {total}; "
+            "give the metadata of the frames passed"
+        )
+    src_fps = _meta_get(meta, "fps")
+    src_fps = float(src_fps) if src_fps else None
+    if sampling is None:
+        indices = list(range(total))
+    elif sampling[0] == "n":
+        indices = uniform_indices(total, sampling[1])
+    else:
+        indices = upstream_fps_indices(total, src_fps, sampling[1], f"video {i}")
+    if indices != list(range(total)):
+        clip = clip[torch.tensor(indices, dtype=torch.long, device=clip.device)]
+    meta_out = VideoMetadata(
+        total_num_frames=total,
+        fps=src_fps,
+        width=int(clip.shape[3]),
+        height=int(clip.shape[2]),
+        duration=(total / src_fps) if src_fps else None,
+        frames_indices=indices,
+        timestamps=[j / src_fps for j in indices] if src_fps else [],
+        source=f"video {i}",
+        video_backend="array",
+    )
+    return clip, meta_out
+
+
+def _load_video_config(path, **hub) -> dict:
+    """The video processor's settings, found where transformers looks for them."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return _read_json(path)
+    if os.path.isdir(path):
+        sub = hub.get("subfolder") or ""
+
+        def found(name):
+            p = os.path.join(path, sub, name)
+            return p if os.path.isfile(p) else None
+
+    else:
+        from transformers.utils import cached_file
+
+        def found(name):
+            return cached_file(path, name, _raise_exceptions_for_missing_entries=False, **hub)
+
+    proc = found(PROCESSOR_NAME)
+    if proc is not None:
+        d = _read_json(proc)
+        if isinstance(d.get("video_processor"), dict):
+            return dict(d["video_processor"])
+    for name in (VIDEO_PROCESSOR_NAME, IMAGE_PROCESSOR_NAME):
+        p = found(name)
+        if p is not None:
+            return _read_json(p)
+    raise OSError(
+        f"no video processor config in {path!r}: looked for {PROCESSOR_NAME} (with a 'video_processor' "
+        f"entry), {VIDEO_PROCESSOR_NAME} and {IMAGE_PROCESSOR_NAME}"
+    )
+
+
+def _read_json(path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise OSError(f"cannot read processor config {path}: {exc}") from exc
+    if not isinstance(d, dict):
+        raise OSError(f"processor config {path} is not a JSON object")
+    return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Processor: video processor + tokenizer
+# --------------------------------------------------------------------------------------------------
+class PeVideoProcessor:
+    """PE Video's processor: :class:`PeVideoVideoProcessor` plus the checkpoint's tokenizer.
+
+    ``processor(text=labels, videos=clips, padding=True, return_tensors="pt")`` returns
+    ``input_ids``, ``attention_mask`` (from the tokenizer) and ``pixel_values_videos``,
+    ``padding_mask_videos``. Options that the video processor knows go to it, the rest to the
+    tokenizer; ``return_tensors`` goes to both. ``processor.video_processor(...)`` and
+    ``processor.tokenizer(...)`` work as upstream.
+    """
+
+    def __init__(self, video_processor: PeVideoVideoProcessor, tokenizer):
+        self.video_processor = video_processor
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "PeVideoProcessor":
+        """The video processor's config and the tokenizer (``AutoTokenizer``) from the same place."""
+        from transformers import AutoTokenizer
+
+        video_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_KEYS}
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        video_processor = PeVideoVideoProcessor.from_pretrained(pretrained_model_name_or_path, **video_kwargs, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls(video_processor, tokenizer)
+
+    def save_pretrained(self, save_directory) -> list[str]:
+        files = self.video_processor.save_pretrained(save_directory)
+        files += list(self.tokenizer.save_pretrained(save_directory))
+        return files
+
+    @property
+    def model_input_names(self):
+        return list(dict.fromkeys(list(self.tokenizer.model_input_names) + self.video_processor.model_input_names))
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        from transformers import BatchFeature
+
+        if images is not None or audio is not None:
+            raise ValueError("PE Video's processor takes text and videos (no images or audio)")
+        if text is None and videos is None:
+            raise ValueError("give text, videos, or both")
+        video_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CALL_KWARGS and k != "return_tensors"}
+        return_tensors = kwargs.get("return_tensors")
+        data = {}
+        if text is not None:
+            data.update(self.tokenizer(text, **kwargs))
+        if videos is not None:
+            data.update(self.video_processor(videos, return_tensors=return_tensors, **video_kwargs))
+        elif video_kwargs:
+            raise ValueError(f"video options {sorted(video_kwargs)} given without videos")
+        return BatchFeature(data=data)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(video_processor={self.video_processor!r}, tokenizer={self.tokenizer!r})"

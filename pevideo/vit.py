@@ -1,0 +1,184 @@
+"""PE-Core ViT frame encoder in plain PyTorch, parameter-compatible with timm's ``vit_pe_core_*``.
+
+Frames from all clips arrive packed as one batch; attention goes through the dispatch seam, which
+applies the 2D RoPE inside the attention op (fused kernel or reference).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pevideo_kernels import pe_core_rope_2d
+
+from .config import VitArgs
+from .dispatch import Ops
+
+__all__ = ["PeCoreViT", "VisionModel"]
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(3, D, p, stride p, no bias) in timm's layout; run as patch rows @ flattened weight."""
+
+    def __init__(self, a: VitArgs):
+        super().__init__()
+        self.proj = nn.Conv2d(3, a.embed_dim, a.patch_size, a.patch_size, bias=False)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as timm's nn.GELU
+
+
+class Attention(nn.Module):
+    def __init__(self, a: VitArgs, ops: Ops):
+        super().__init__()
+        self.num_heads = a.num_heads
+        self.head_dim = a.head_dim
+        self.qkv = nn.Linear(a.embed_dim, 3 * a.embed_dim, bias=a.qkv_bias)
+        self.proj = nn.Linear(a.embed_dim, a.embed_dim)
+        self._ops = ops
+
+    def forward(self, x: torch.Tensor, rope: dict) -> torch.Tensor:
+        n, L, d = x.shape
+        # q, k, v stay strided views of the one qkv output: the attention op reads them in place.
+        qkv = self.qkv(x).view(n * L, 3, self.num_heads, self.head_dim)
+        out = self._ops.attention(
+            "frame_attention", qkv[:, 0], qkv[:, 1], qkv[:, 2],
+            coords=rope["coords"], freqs=rope["freqs"], cu_seqlens=rope["cu_seqlens"], max_seqlen=L,
+        )
+        return self.proj(out.view(n, L, d))
+
+
+class Block(nn.Module):
+    def __init__(self, a: VitArgs, ops: Ops):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(a.embed_dim, eps=a.norm_eps)
+        self.attn = Attention(a, ops)
+        self.norm2 = nn.LayerNorm(a.embed_dim, eps=a.norm_eps)
+        self.mlp = Mlp(a.embed_dim, a.mlp_hidden)
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class AttentionPoolLatent(nn.Module):
+    """One learned latent query attends over each frame's tokens (timm's ``AttentionPoolLatent``)."""
+
+    def __init__(self, a: VitArgs, ops: Ops):
+        super().__init__()
+        d = a.embed_dim
+        self.num_heads = a.attn_pool_num_heads
+        self.head_dim = d // self.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, d))
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=a.norm_eps)
+        self.mlp = Mlp(d, int(d * a.attn_pool_mlp_ratio))
+        self._ops = ops
+
+    def forward(self, x):
+        n, L, d = x.shape
+        q = self.q(self.latent).view(1, 1, self.num_heads, self.head_dim).expand(n, 1, self.num_heads, self.head_dim)
+        kv = self.kv(x).view(n, L, 2, self.num_heads, self.head_dim)
+        out = self._ops.attention("pool_attention", q, kv[:, :, 0], kv[:, :, 1])
+        x = self.proj(out.view(n, 1, d))
+        x = x + self.mlp(self.norm(x))
+        return x[:, 0]
+
+
+class PeCoreViT(nn.Module):
+    """timm's ``Eva`` as configured by ``vit_pe_core_*``: same parameter names and shapes.
+
+    ``forward(pixels, frame_index, norm)``: ``pixels`` (N, 3, H, W) float (normalized), or (N, H, W, 3)
+    uint8 with ``norm = dict(mean=..., std=..., rescale=...)``; ``frame_index`` (F,) int64 or None picks
+    the frames to encode (padded frames are never touched). Returns logits (F, num_classes).
+    """
+
+    def __init__(self, a: VitArgs, ops: Ops):
+        super().__init__()
+        self.args = a
+        self._ops = ops
+        d = a.embed_dim
+        self.patch_embed = PatchEmbed(a)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if a.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, a.num_tokens, d))
+        self.norm_pre = nn.LayerNorm(d, eps=a.norm_eps)
+        self.blocks = nn.ModuleList(Block(a, ops) for _ in range(a.depth))
+        self.norm = nn.LayerNorm(d, eps=a.norm_eps)
+        self.attn_pool = AttentionPoolLatent(a, ops)
+        self.head = nn.Linear(d, a.num_classes)
+        self._rope_cache: dict = {}
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.attn_pool.latent, std=self.args.embed_dim**-0.5)
+
+    def _rope(self, n: int, device) -> dict:
+        """RoPE coords for n packed frames and the frame boundaries, built once per (n, device)."""
+        key = (n, str(device))
+        hit = self._rope_cache.get(key)
+        if hit is None:
+            a = self.args
+            coords, freqs = pe_core_rope_2d(
+                *a.grid, a.head_dim, ref_feat_shape=a.ref_feat_shape, grid_offset=a.rope_grid_offset,
+                temperature=a.rope_temperature, num_prefix_tokens=a.num_prefix_tokens,
+            )
+            L = a.num_tokens
+            hit = {
+                "coords": coords.repeat(n, 1).to(device),
+                "freqs": freqs.to(device),
+                "cu_seqlens": (torch.arange(n + 1, dtype=torch.int32) * L).to(device),
+            }
+            if len(self._rope_cache) > 64:  # batch sizes vary; keep the cache small
+                self._rope_cache.clear()
+            self._rope_cache[key] = hit
+        return hit
+
+    def embed_patches(self, pixels: torch.Tensor, frame_index: torch.Tensor | None, norm: dict | None = None) -> torch.Tensor:
+        """Patch embedding as patchify (+ normalize, for uint8 frames) then one GEMM: (F, P, D)."""
+        a = self.args
+        w = self.patch_embed.proj.weight  # (D, 3, p, p) -> GEMM over (c, kh, kw) patch rows
+        rows = self._ops.patchify("patchify", pixels, a.patch_size, out_dtype=w.dtype, frame_index=frame_index, **(norm or {}))
+        return rows @ w.view(w.shape[0], -1).t()
+
+    def forward_features(self, pixels: torch.Tensor, frame_index: torch.Tensor | None = None, norm: dict | None = None) -> torch.Tensor:
+        x = self.embed_patches(pixels, frame_index, norm)  # (F, P, D)
+        n = x.shape[0]
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1)
+        x = self.norm_pre(x + self.pos_embed)
+        rope = self._rope(n, x.device)
+        for blk in self.blocks:
+            x = blk(x, rope)
+        return self.norm(x)
+
+    def forward(self, pixels: torch.Tensor, frame_index: torch.Tensor | None = None, norm: dict | None = None) -> torch.Tensor:
+        return self.head(self.attn_pool(self.forward_features(pixels, frame_index, norm)))
+
+
+class VisionModel(nn.Module):
+    """Stands where transformers' ``TimmWrapperForImageClassification`` stands, so names line up."""
+
+    def __init__(self, a: VitArgs, ops: Ops):
+        super().__init__()
+        self.timm_model = PeCoreViT(a, ops)
+
+    def forward(self, pixels, frame_index=None, norm=None):
+        return self.timm_model(pixels, frame_index, norm)

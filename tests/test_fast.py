@@ -1,0 +1,161 @@
+"""fast=True: the fused kernels inside the model against the eager path, fallbacks, and kernel_report.
+
+On CPU the kernels run through Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU).
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from _upstream import make_config, randomize, rel_err, video_inputs
+
+import pevideo
+from pevideo_kernels import HAS_TRITON, interpreting
+
+OPS = {"patchify", "frame_attention", "pool_attention", "temporal_attention"}
+KERNELS_RUN_HERE = HAS_TRITON and (torch.cuda.is_available() or interpreting())
+needs_kernels = pytest.mark.skipif(not KERNELS_RUN_HERE, reason="Triton kernels can't run here")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _pair(name: str, seed: int = 0):
+    cfg = make_config(name)
+    torch.manual_seed(seed)
+    eager = randomize(pevideo.PeVideoModel(cfg), seed).eval().to(DEVICE)
+    fast = pevideo.PeVideoModel(cfg, fast=True, num_classes=eager.video_encoder.vit.args.num_classes).eval()
+    fast.load_state_dict(eager.state_dict())
+    return eager, fast.to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def large80():
+    return _pair("large80")  # frame head_dim 80, pool head_dim 20, temporal head_dim 40
+
+
+@needs_kernels
+@pytest.mark.parametrize("lengths, masked", [([3, 3], False), ([4, 1, 2], True), ([1], False), ([2, 2], True)])
+def test_fast_matches_eager_fp32(large80, lengths, masked):
+    eager, fast = large80
+    pixels, mask = video_inputs(eager.config, lengths)
+    pixels, mask = pixels.to(DEVICE), mask.to(DEVICE)
+    m = mask if masked else None
+    with torch.no_grad():
+        a = eager.get_video_features(pixels, m)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pevideo.PeVideoKernelFallbackWarning)
+            b = fast.get_video_features(pixels, m)
+    assert pevideo.kernel_report(fast) == dict.fromkeys(OPS, "fused")
+    assert rel_err(b.pooler_output, a.pooler_output) <= 1e-4
+    assert rel_err(b.last_hidden_state[mask], a.last_hidden_state[mask]) <= 1e-4
+
+
+@needs_kernels
+def test_fast_uint8_entry(large80):
+    eager, fast = large80
+    pixels, mask = video_inputs(eager.config, [2, 1])
+    u8 = torch.randint(0, 256, (*pixels.shape[:2], *pixels.shape[3:], 3), dtype=torch.uint8)
+    with torch.no_grad():
+        a = eager.get_video_features_uint8(u8.to(DEVICE), mask.to(DEVICE))
+        b = fast.get_video_features_uint8(u8.to(DEVICE), mask.to(DEVICE))
+    assert pevideo.kernel_report(fast)["patchify"] == "fused"
+    assert rel_err(b.pooler_output, a.pooler_output) <= 1e-4
+
+
+@needs_kernels
+def test_unsupported_shape_falls_back_per_op():
+    """The tiny config's pooling heads are 4 wide, below the kernel's range: that op alone falls back."""
+    eager, fast = _pair("tiny", seed=1)
+    pixels, mask = video_inputs(eager.config, [2, 1])
+    with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="pool_attention.*head_dim"):
+        with torch.no_grad():
+            b = fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
+    report = pevideo.kernel_report(fast)
+    assert report["pool_attention"].startswith("unsupported by the kernel")
+    assert {k for k, v in report.items() if v == "fused"} == OPS - {"pool_attention"}
+    with torch.no_grad():
+        a = eager.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
+    assert rel_err(b.pooler_output, a.pooler_output) <= 1e-4
+
+
+@needs_kernels
+def test_kernel_error_falls_back(large80, monkeypatch):
+    eager, fast = _pair("large80", seed=2)
+    ra = importlib.import_module("pevideo_kernels.rope_attention")
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(ra, "_rope_attention_fused", boom)
+    pixels, mask = video_inputs(eager.config, [2, 1])
+    with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="simulated compile failure"):
+        with torch.no_grad():
+            b = fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
+    report = pevideo.kernel_report(fast)
+    assert report["patchify"] == "fused"
+    assert all("simulated compile failure" in report[op] for op in OPS - {"patchify"})
+    with torch.no_grad():
+        a = eager.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
+    torch.testing.assert_close(b.pooler_output, a.pooler_output, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_wrong_kernel_output_is_caught(monkeypatch):
+    """A kernel that runs but computes garbage is checked against the reference on first use and switched off."""
+    eager, fast = _pair("large80", seed=3)
+    pz = importlib.import_module("pevideo_kernels.patchify")
+    real = pz._patchify_fused
+    monkeypatch.setattr(pz, "_patchify_fused", lambda *a: real(*a) * 1.5)
+    pixels, mask = video_inputs(eager.config, [2, 2])
+    with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="patchify.*disagreed"):
+        with torch.no_grad():
+            b = fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
+            c = fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))  # stays off, no new warning
+    assert "disagreed" in pevideo.kernel_report(fast)["patchify"]
+    with torch.no_grad():
+        a = eager.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
+    assert rel_err(b.pooler_output, a.pooler_output) <= 1e-4
+    assert torch.equal(b.pooler_output, c.pooler_output)
+
+
+@needs_kernels
+def test_grad_falls_back_to_reference(large80):
+    """Forward-only kernels: with autograd on, ops run their references and gradients flow."""
+    eager, fast = _pair("large80", seed=4)
+    pixels, mask = video_inputs(eager.config, [2, 1])
+    out = fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
+    out.pooler_output.sum().backward()
+    assert "require grad" in pevideo.kernel_report(fast)["frame_attention"]
+    grad = fast.video_encoder.vit.blocks[0].attn.qkv.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_bf16_fast_on_pe_av_large_architecture():
+    """bf16 fast vs float32 eager on the pe-av-large video tower (random weights): cosine similarity of
+    video_embeds >= 0.999 and error within 2x of bf16 eager's."""
+    from _upstream import TEXT
+    from transformers import PeVideoConfig
+
+    from pevideo.bench import pe_av_large_video_config
+
+    cfg = PeVideoConfig(text_config=dict(TEXT), video_config=pe_av_large_video_config().to_dict())
+    torch.manual_seed(0)
+    ref = pevideo.PeVideoModel(cfg, num_classes=1024).eval().cuda()
+    eager16 = pevideo.PeVideoModel(cfg, num_classes=1024).eval()
+    fast16 = pevideo.PeVideoModel(cfg, fast=True, num_classes=1024).eval()
+    for m in (eager16, fast16):
+        m.load_state_dict(ref.state_dict())
+        m.to("cuda", torch.bfloat16)
+    lengths = [16, 12, 8, 4, 2, 1]
+    pixels = torch.randn(len(lengths), 16, 3, 336, 336).clamp(-1, 1).cuda()
+    mask = (torch.arange(16)[None] < torch.tensor(lengths)[:, None]).cuda()
+    with torch.no_grad():
+        a = ref.get_video_features(pixels, mask).pooler_output.float()
+        e = eager16.get_video_features(pixels.bfloat16(), mask).pooler_output.float()
+        f = fast16.get_video_features(pixels.bfloat16(), mask).pooler_output.float()
+    assert set(pevideo.kernel_report(fast16).values()) == {"fused"}
+    cos = torch.nn.functional.cosine_similarity(f, a, dim=-1)
+    assert cos.min() >= 0.999
+    assert (f - a).abs().max() <= 2 * (e - a).abs().max()
