@@ -269,7 +269,7 @@ def _check_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key
         raise ValueError("coords and freqs go together: give both for RoPE, or neither")
     if coords is not None:
         if coords.dtype not in (torch.int32, torch.int64, torch.float32):
-            raise ValueError(f"coords must be int32 or float32, got {coords.dtype}")
+            raise ValueError(f"coords must be int32, int64 or float32, got {coords.dtype}")
         if coords.device != q.device:
             raise ValueError(f"coords is on {coords.device} but q is on {q.device}")
         if d % 2:
@@ -610,14 +610,16 @@ if HAS_TRITON:
     # for register spills with ptxas for sm_90. Large BLOCK_M first where it fits: each program
     # recomputes its K tiles' cos/sin, so taller query blocks amortize that over more rows.
     _CONFIG_SETS = {
-        # one or a few queries per row (attention pooling)
-        "q16": [(16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 3)],
-        "q32": [(32, 32, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
-        "d64": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-        "d128": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
-        "d256": [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
+        # one or a few queries per row (attention pooling; short temporal clips)
+        "q16": [(16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 3), (16, 64, 8, 3)],
+        "q32": [(32, 32, 4, 3), (16, 32, 4, 3), (64, 32, 8, 3), (32, 64, 4, 3)],
+        "d64": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+        # head_dim 96/128: the K tile's rotation temporaries (4 fp32 (BLOCK_N, head_dim/2) arrays)
+        # dominate registers, so narrow K tiles and 8 warps
+        "d128": [(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 8, 3)],
+        "d256": [(64, 32, 8, 2), (64, 16, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2)],
         # float32 inputs use full-precision (non tensor-core) dots: small tiles only
-        "f32": [(32, 16, 4, 2), (16, 32, 4, 2), (64, 16, 4, 2), (16, 16, 4, 2)],
+        "f32": [(32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2), (64, 16, 4, 2)],
     }
     _TUNED = {}
 
@@ -746,23 +748,36 @@ def _rope_attention_impl(
     return _launch(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out)
 
 
-_rope_attention_op = None
-if _HAS_KERNEL and hasattr(torch.library, "triton_op"):
+def _register_op():
     if not interpreting():
         # A custom op whose body torch.compile traces through: Inductor sees the kernel launch itself.
-        _rope_attention_op = torch.library.triton_op("pevideo::rope_attention", _rope_attention_impl, mutates_args=())
-    else:
-        # Interpreted kernels cannot be traced (wrap_triton passes them through and they would run on
-        # fake tensors), so under TRITON_INTERPRET the op is opaque, with a shape-only fake.
-        _rope_attention_op = torch.library.custom_op("pevideo::rope_attention", _rope_attention_impl, mutates_args=())
+        return torch.library.triton_op("pevideo::rope_attention", _rope_attention_impl, mutates_args=())
+    # Interpreted kernels cannot be traced (wrap_triton passes them through and they would run on fake
+    # tensors), so under TRITON_INTERPRET the op is opaque, with a shape-only fake.
+    op = torch.library.custom_op("pevideo::rope_attention", _rope_attention_impl, mutates_args=())
 
-        @_rope_attention_op.register_fake
-        def _(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale):
-            return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    @op.register_fake
+    def _(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    return op
+
+
+_rope_attention_op = None
+if _HAS_KERNEL and hasattr(torch.library, "triton_op"):
+    try:
+        _rope_attention_op = _register_op()
+    except Exception:  # noqa: BLE001  (e.g. registered twice by a second copy of this module): launch directly
+        _rope_attention_op = None
 
 
 def _rope_attention_fused(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale):
-    """The Triton path of :func:`rope_attention` (arguments already checked by ``_check_args``)."""
+    """The Triton path of :func:`rope_attention` (arguments already checked by ``_check_args``).
+
+    Packed mode: ``max_seqlen`` None costs a host sync; when given it must be at least the longest
+    segment (``_check_args`` verifies that only for CPU tensors or when it has to sync anyway).
+    Padded mode adds a few small device ops (each row's range of real keys) and no host sync.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if cu_seqlens is not None and max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync; pass max_seqlen to avoid it

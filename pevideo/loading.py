@@ -175,6 +175,7 @@ class PretrainedMixin:
         pretrained_model_name_or_path,
         fast: bool = False,
         *,
+        compile: bool = False,
         dtype="auto",
         torch_dtype=None,
         device=None,
@@ -187,6 +188,8 @@ class PretrainedMixin:
         """Load a transformers checkpoint folder (or Hub repo id).
 
         ``fast``: use the fused kernels (falls back per op, with a warning, where they can't run).
+        ``compile``: run the frame encoder's blocks outside attention through ``torch.compile``
+        (Inductor fuses bias, residual, LayerNorm and GELU passes; the first forward compiles).
         ``dtype``: "auto" (the checkpoint's), a torch dtype, or "bfloat16"/"float16"/"float32".
         ``device`` / ``device_map``: where to put the model ("auto" = CUDA when available).
         PeAudioVideo checkpoints (e.g. facebook/pe-av-large) load too: their video and text towers.
@@ -201,7 +204,7 @@ class PretrainedMixin:
         if head_key not in state:
             raise CheckpointMismatchError(f"checkpoint {path!r} has no frame-encoder head ({head_key})")
         num_classes = state[head_key].shape[0]  # transformers' config can't be trusted for this width
-        model = cls(config, fast=fast, num_classes=num_classes)
+        model = cls(config, fast=fast, compile=compile, num_classes=num_classes)
         _load_checked(model, state, path)
         model.ignored_checkpoint_keys = ignored
         target_dtype = _resolve_dtype(torch_dtype if torch_dtype is not None else dtype, _stored_dtype(state))

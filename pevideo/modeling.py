@@ -20,7 +20,7 @@ from pevideo_kernels import rope_1d
 from .config import vit_args
 from .dispatch import Ops
 from .loading import PretrainedMixin
-from .vit import VisionModel
+from .vit import VisionModel, compiled_block_fns
 
 __all__ = ["PeVideoEncoder", "PeVideoModel", "PeVideoOutput", "kernel_report"]
 
@@ -246,12 +246,21 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
     config_class = PeVideoEncoderConfig
     _config_kind = "pe_video_encoder"
 
-    def __init__(self, config: PeVideoEncoderConfig, fast: bool = False, *, num_classes: int | None = None, _ops: Ops | None = None):
+    def __init__(
+        self,
+        config: PeVideoEncoderConfig,
+        fast: bool = False,
+        *,
+        compile: bool = False,
+        num_classes: int | None = None,
+        _ops: Ops | None = None,
+    ):
         super().__init__()
         if isinstance(config, dict):
             config = PeVideoEncoderConfig(**config)
         self.config = config
         self.fast = bool(fast)
+        self.compiled = bool(compile)
         self._ops = _ops if _ops is not None else Ops(fast)
         self.embedder = Embedder(config, self._ops, num_classes)
         self.patch_embedder = PatchEmbedder(config.hidden_size)
@@ -263,6 +272,9 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         #: encode at most this many frames per frame-encoder call (bounds activation memory); None = all
         self.frame_batch_size: int | None = None
         self._init_temporal()
+        if compile:
+            # The frame encoder's blocks outside attention; attention stays the dispatched op.
+            self.vit.block_fns = compiled_block_fns()
 
     @torch.no_grad()
     def _init_temporal(self):
@@ -379,7 +391,7 @@ class PeVideoModel(PretrainedMixin, nn.Module):
     config_class = PeVideoConfig
     _config_kind = "pe_video"
 
-    def __init__(self, config: PeVideoConfig, fast: bool = False, *, num_classes: int | None = None):
+    def __init__(self, config: PeVideoConfig, fast: bool = False, *, compile: bool = False, num_classes: int | None = None):
         super().__init__()
         if isinstance(config, dict):
             config = PeVideoConfig(**config)
@@ -387,7 +399,9 @@ class PeVideoModel(PretrainedMixin, nn.Module):
         self.fast = bool(fast)
         self._ops = Ops(fast)
         self.text_model = AutoModel.from_config(config.text_config)
-        self.video_encoder = PeVideoEncoder(config.video_config, fast, num_classes=num_classes, _ops=self._ops)
+        self.video_encoder = PeVideoEncoder(
+            config.video_config, fast, compile=compile, num_classes=num_classes, _ops=self._ops
+        )
         text_hidden = config.text_config.hidden_size
         self.text_video_head = ContrastiveHead(text_hidden, text_hidden)
         self.video_head = ContrastiveHead(config.video_config.hidden_size, text_hidden)

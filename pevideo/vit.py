@@ -44,15 +44,38 @@ class Attention(nn.Module):
         self.proj = nn.Linear(a.embed_dim, a.embed_dim)
         self._ops = ops
 
-    def forward(self, x: torch.Tensor, rope: dict) -> torch.Tensor:
-        n, L, d = x.shape
+    def attend(self, qkv: torch.Tensor, rope: dict) -> torch.Tensor:
+        """Attention over packed frames, from the qkv projection (n, L, 3·D) to (n, L, D) before ``proj``."""
+        n, L, _ = qkv.shape
         # q, k, v stay strided views of the one qkv output: the attention op reads them in place.
-        qkv = self.qkv(x).view(n * L, 3, self.num_heads, self.head_dim)
+        qkv = qkv.view(n * L, 3, self.num_heads, self.head_dim)
         out = self._ops.attention(
             "frame_attention", qkv[:, 0], qkv[:, 1], qkv[:, 2],
             coords=rope["coords"], freqs=rope["freqs"], cu_seqlens=rope["cu_seqlens"], max_seqlen=L,
         )
-        return self.proj(out.view(n, L, d))
+        return out.view(n, L, -1)
+
+
+# A block's work outside attention, as plain functions of tensors: eager they are exactly the modules'
+# math; under torch.compile (``compile=True``) every block shares one graph per function, and Inductor
+# fuses the bias, residual, LayerNorm and GELU passes around cuBLAS' matmuls.
+def _pre_attention(x, n1_w, n1_b, qkv_w, qkv_b, eps: float):
+    return F.linear(F.layer_norm(x, (x.shape[-1],), n1_w, n1_b, eps), qkv_w, qkv_b)
+
+
+def _post_attention(x, attn, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b, eps: float):
+    x = x + F.linear(attn, proj_w, proj_b)
+    h = F.gelu(F.linear(F.layer_norm(x, (x.shape[-1],), n2_w, n2_b, eps), fc1_w, fc1_b))
+    return x + F.linear(h, fc2_w, fc2_b)
+
+
+EAGER_BLOCK_FNS = (_pre_attention, _post_attention)
+
+
+def compiled_block_fns(**compile_kwargs):
+    """``torch.compile``d block functions; dynamic shapes, so changing frame counts don't recompile."""
+    kw = {"dynamic": True, **compile_kwargs}
+    return torch.compile(_pre_attention, **kw), torch.compile(_post_attention, **kw)
 
 
 class Block(nn.Module):
@@ -63,9 +86,13 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(a.embed_dim, eps=a.norm_eps)
         self.mlp = Mlp(a.embed_dim, a.mlp_hidden)
 
-    def forward(self, x, rope):
-        x = x + self.attn(self.norm1(x), rope)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, rope, fns=EAGER_BLOCK_FNS):
+        pre, post = fns
+        n1, attn, n2, mlp = self.norm1, self.attn, self.norm2, self.mlp
+        qkv = pre(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)
+        out = attn.attend(qkv, rope)
+        return post(x, out, attn.proj.weight, attn.proj.bias, n2.weight, n2.bias,
+                    mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, n2.eps)
 
 
 class AttentionPoolLatent(nn.Module):
@@ -116,6 +143,7 @@ class PeCoreViT(nn.Module):
         self.attn_pool = AttentionPoolLatent(a, ops)
         self.head = nn.Linear(d, a.num_classes)
         self._rope_cache: dict = {}
+        self.block_fns = EAGER_BLOCK_FNS  # or compiled_block_fns(), set by the model's ``compile`` option
         self.reset_parameters()
 
     @torch.no_grad()
@@ -166,7 +194,7 @@ class PeCoreViT(nn.Module):
         x = self.norm_pre(x + self.pos_embed)
         rope = self._rope(n, x.device)
         for blk in self.blocks:
-            x = blk(x, rope)
+            x = blk(x, rope, self.block_fns)
         return self.norm(x)
 
     def forward(self, pixels: torch.Tensor, frame_index: torch.Tensor | None = None, norm: dict | None = None) -> torch.Tensor:

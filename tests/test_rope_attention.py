@@ -1,0 +1,519 @@
+"""rope_attention: the fused Triton kernel against the PyTorch reference, the reference against a naive
+float64 definition, and every argument check.
+
+Without a GPU the kernel runs under Triton's interpreter on CPU tensors (float32 and float16; the
+interpreter's bf16 dot is wrong); on a CUDA machine the same tests run the compiled kernel, and the
+``gpu`` tests add bf16. Outputs are poisoned with NaN before each kernel launch, so a row the kernel
+forgets to write cannot pass.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from pevideo_kernels import (
+    pe_core_rope_2d,
+    rope_1d,
+    rope_attention,
+    rope_attention_ref,
+    rope_attention_unsupported_reason,
+)
+
+ra = importlib.import_module("pevideo_kernels.rope_attention")  # the module (the package re-exports the function)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEV == "cuda"
+
+# (dtype, atol, rtol) of the kernel against the float32 reference on the same (rounded) inputs. On a GPU
+# the kernel's cos/sin are the SFU's approximations (~5e-7 absolute), hence the looser float32 bound.
+_F32_TOL = 5e-5 if ON_GPU else 2e-5
+DTYPES = [
+    pytest.param((torch.float32, _F32_TOL, _F32_TOL), id="fp32"),
+    pytest.param((torch.float16, 3e-3, 3e-3), id="fp16"),
+]
+LAYOUTS = ["interleaved", "half"]
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_blocks(monkeypatch):
+    monkeypatch.setattr(ra, "_POISON_OUTPUT", True)
+    # Small tiles under the interpreter: more query blocks, whole K tiles and a ragged last one even
+    # for the short sequences these tests can afford.
+    monkeypatch.setattr(ra, "_INTERPRET_BLOCKS", (16, 16))
+
+
+def _blocks(monkeypatch, bm, bn):
+    monkeypatch.setattr(ra, "_INTERPRET_BLOCKS", (bm, bn))
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def _rand(*shape, dtype):
+    return torch.randn(*shape, device=DEV).to(dtype)
+
+
+def _coords(lead, kind, hi=24):
+    """Token coordinates of shape (*lead, 3): random ints (as int32/int64/float32) or fractional floats."""
+    c = torch.randint(0, hi, (*lead, 3), device=DEV)
+    if kind == "int32":
+        return c.to(torch.int32)
+    if kind == "int64":
+        return c
+    if kind == "float":
+        return c.to(torch.float32) * 0.75 + 0.5
+    raise AssertionError(kind)
+
+
+def _freqs(d, theta=100.0):
+    """(3, d/2) frequencies: a sectioned 3D split (each pair turns with one axis) scaled so that angles
+    wrap several times, plus a few pairs with two axes at once."""
+    half = d // 2
+    f = torch.zeros(3, half)
+    base = 1.0 / theta ** (torch.arange(half, dtype=torch.float32) / max(half, 1))
+    for j in range(half):
+        f[j % 3, j] = base[j]
+    f[1, ::4] += 0.37
+    return f.to(DEV)
+
+
+def _fused(q, k, v, **kw):
+    """Public entry point, asserting that it takes the kernel path (not the reference fallback)."""
+    assert rope_attention_unsupported_reason(
+        q, k, v, coords=kw.get("coords"), freqs=kw.get("freqs"),
+        key_padding_mask=kw.get("key_padding_mask"), cu_seqlens=kw.get("cu_seqlens"),
+    ) is None
+    return rope_attention(q, k, v, **kw)
+
+
+def _ref32(q, k, v, **kw):
+    return rope_attention_ref(q.float(), k.float(), v.float(), **kw)
+
+
+def _check(out, ref, like, atol, rtol):
+    assert out.shape == (*like.shape[:-1], like.shape[-1])
+    assert out.dtype == like.dtype and out.is_contiguous()
+    assert torch.isfinite(out).all(), "NaN/inf in the output: a row was not written (or 0/0)"
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+def _cu(lens):
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+
+
+# --------------------------------------------------------------------------------------------------
+# packed (cu_seqlens)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "head_dim, coord_kind, heads, kv_heads",
+    [(12, "int32", 2, 2), (16, "float", 3, 1), (64, "int64", 2, 1), (80, "float", 2, 2)],
+)
+def test_packed(seed, tol, layout, head_dim, coord_kind, heads, kv_heads):
+    dtype, atol, rtol = tol
+    lens = [0, 1, 17, 0, 37]
+    n = sum(lens)
+    q = _rand(n, heads, head_dim, dtype=dtype)
+    k = _rand(n, kv_heads, head_dim, dtype=dtype)
+    v = _rand(n, kv_heads, head_dim, dtype=dtype)
+    kw = dict(coords=_coords((n,), coord_kind), freqs=_freqs(head_dim), rope_layout=layout, cu_seqlens=_cu(lens))
+    out = _fused(q, k, v, **kw)
+    _check(out, _ref32(q, k, v, **kw), q, atol, rtol)
+    # the same without RoPE, and with max_seqlen given (larger than needed: extra blocks must exit)
+    kw2 = dict(cu_seqlens=_cu(lens), max_seqlen=50)
+    _check(_fused(q, k, v, **kw2), _ref32(q, k, v, **kw2), q, atol, rtol)
+
+
+@pytest.mark.parametrize("tol", DTYPES)
+def test_packed_frame_length(seed, monkeypatch, tol):
+    """A PE-like 577-token frame (1 CLS + 24x24 patches, PE-Core 2D RoPE) next to a ragged segment."""
+    dtype, atol, rtol = tol
+    _blocks(monkeypatch, 64, 64)
+    d, heads = 16, 2
+    coords, freqs = pe_core_rope_2d(24, 24, d, device=DEV)
+    lens = [577, 33]
+    n = sum(lens)
+    coords = torch.cat([coords, coords[:33]])
+    q, k, v = (_rand(n, heads, d, dtype=dtype) for _ in range(3))
+    kw = dict(coords=coords, freqs=freqs, cu_seqlens=_cu(lens), max_seqlen=577)
+    _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, atol, rtol)
+
+
+def test_packed_empty(seed):
+    q = _rand(0, 2, 16, dtype=torch.float32)
+    out = _fused(q, q, q, cu_seqlens=_cu([0, 0]))
+    assert out.shape == (0, 2, 16)
+
+
+# --------------------------------------------------------------------------------------------------
+# padded (key_padding_mask) and full
+# --------------------------------------------------------------------------------------------------
+def _masks(b, seq):
+    """Row 0: prefix of real tokens; row 1: all padding; row 2: random non-prefix; row 3: a run in the
+    middle; row 4: all real."""
+    m = torch.zeros(b, seq, dtype=torch.bool)
+    m[0, :23] = True
+    m[2] = torch.rand(seq) < 0.6
+    m[2, 0] = False
+    m[3, 7:30] = True
+    m[4] = True
+    return m.to(DEV)
+
+
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("head_dim, coord_kind", [(16, "int32"), (64, "float")])
+def test_padded(seed, tol, layout, head_dim, coord_kind):
+    dtype, atol, rtol = tol
+    b, seq, heads = 5, 40, 2
+    q, k, v = (_rand(b, seq, heads, head_dim, dtype=dtype) for _ in range(3))
+    mask = _masks(b, seq)
+    kw = dict(coords=_coords((b, seq), coord_kind), freqs=_freqs(head_dim), rope_layout=layout, key_padding_mask=mask)
+    out = _fused(q, k, v, **kw)
+    _check(out, _ref32(q, k, v, **kw), q, atol, rtol)
+    assert (out[~mask] == 0).all(), "padded query rows must be zeros"
+    assert (out[mask].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("tol", DTYPES)
+def test_padded_garbage_in_padding(seed, tol):
+    """Padding tokens may hold anything, NaN included: real rows must not see it."""
+    dtype, atol, rtol = tol
+    b, seq, heads, d = 5, 33, 2, 16
+    q, k, v = (_rand(b, seq, heads, d, dtype=dtype) for _ in range(3))
+    mask = _masks(b, seq)
+    kw = dict(coords=_coords((b, seq), "int32"), freqs=_freqs(d), key_padding_mask=mask)
+    ref = _ref32(q, k, v, **kw)
+    for t in (q, k, v):
+        t[~mask] = float("nan")
+    _check(_fused(q, k, v, **kw), ref, q, atol, rtol)
+
+
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_full(seed, tol, layout):
+    dtype, atol, rtol = tol
+    b, seq, heads, d = 2, 37, 2, 16
+    q, k, v = (_rand(b, seq, heads, d, dtype=dtype) for _ in range(3))
+    kw = dict(coords=_coords((b, seq), "float"), freqs=_freqs(d), rope_layout=layout)
+    _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, atol, rtol)
+    _check(_fused(q, k, v), _ref32(q, k, v), q, atol, rtol)
+
+
+# --------------------------------------------------------------------------------------------------
+# strides, GQA, cross attention, scale
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strided_qkv_packed(seed, tol, layout):
+    """q, k, v as views of one (tokens, 3, heads, head_dim) projection output: no copies needed."""
+    dtype, atol, rtol = tol
+    lens, heads, d = [19, 0, 30], 2, 16
+    n = sum(lens)
+    qkv = _rand(n, 3, heads, d, dtype=dtype)
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    kw = dict(coords=_coords((n,), "int32")[:, [2, 0, 1]], freqs=_freqs(d), rope_layout=layout, cu_seqlens=_cu(lens))
+    _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, atol, rtol)
+
+
+@pytest.mark.parametrize("tol", DTYPES)
+def test_strided_qkv_padded(seed, tol):
+    dtype, atol, rtol = tol
+    b, seq, heads, d = 5, 24, 2, 12
+    qkv = _rand(b, seq, 3, heads, d, dtype=dtype)
+    q, k, v = qkv.unbind(2)
+    mask = _masks(b, seq)
+    # coords and mask as strided views too
+    coords = _coords((b, seq * 2), "float")[:, ::2]
+    kw = dict(coords=coords, freqs=_freqs(d), key_padding_mask=mask, rope_layout="half")
+    _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, atol, rtol)
+
+
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_gqa_padded(seed, tol, kv_heads):
+    dtype, atol, rtol = tol
+    b, seq, heads, d = 5, 21, 4, 16
+    q = _rand(b, seq, heads, d, dtype=dtype)
+    k, v = (_rand(b, seq, kv_heads, d, dtype=dtype) for _ in range(2))
+    kw = dict(coords=_coords((b, seq), "int64"), freqs=_freqs(d), key_padding_mask=_masks(b, seq))
+    _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, atol, rtol)
+
+
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("lq", [1, 3])
+def test_cross_attention(seed, monkeypatch, tol, with_mask, lq):
+    """PE's attention pooling: one latent query per frame over a frame's 577 tokens, 8 heads."""
+    dtype, atol, rtol = tol
+    _blocks(monkeypatch, 16, 64)
+    b, lk, heads, d = 3, 577, 8, 16
+    q = _rand(b, lq, heads, d, dtype=dtype)
+    k, v = (_rand(b, lk, heads, d, dtype=dtype) for _ in range(2))
+    kw = {}
+    if with_mask:
+        mask = torch.ones(b, lk, dtype=torch.bool, device=DEV)
+        mask[1] = False  # no real key: zeros
+        mask[2, 100:] = False
+        kw["key_padding_mask"] = mask
+    out = _fused(q, k, v, scale=0.2, **kw)
+    _check(out, _ref32(q, k, v, scale=0.2, **kw), q, atol, rtol)
+    if with_mask:
+        assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("tol", DTYPES)
+def test_scale_and_identity_rope(seed, tol):
+    """Given scale is used; all-zero coords are the identity (same as no RoPE)."""
+    dtype, atol, rtol = tol
+    lens, heads, d = [9, 26], 2, 16
+    n = sum(lens)
+    q, k, v = (_rand(n, heads, d, dtype=dtype) for _ in range(3))
+    cu = _cu(lens)
+    out = _fused(q, k, v, cu_seqlens=cu, scale=0.05)
+    _check(out, _ref32(q, k, v, cu_seqlens=cu, scale=0.05), q, atol, rtol)
+    assert not torch.allclose(out.float(), _ref32(q, k, v, cu_seqlens=cu), atol=atol, rtol=rtol)
+    zero = torch.zeros(n, 3, dtype=torch.int32, device=DEV)
+    same = _fused(q, k, v, coords=zero, freqs=_freqs(d), cu_seqlens=cu, scale=0.05)
+    # (not bitwise: the RoPE path sums the two pair halves' dot products separately)
+    torch.testing.assert_close(same, out, atol=atol / 10, rtol=rtol / 10)
+
+
+def test_requires_grad_routes_to_reference(seed):
+    q = torch.randn(1, 5, 2, 16, device=DEV, requires_grad=True)
+    assert "grad" in rope_attention_unsupported_reason(q, q, q)
+    rope_attention(q, q.detach(), q.detach()).sum().backward()
+    assert q.grad is not None
+
+
+def test_torch_compile(seed, monkeypatch):
+    """The op is a torch.library.triton_op, so torch.compile traces the launch (no graph break)."""
+    if not ON_GPU:
+        monkeypatch.setattr(ra, "_POISON_OUTPUT", False)  # keep the traced graph minimal
+    d, heads = 16, 2
+    lens = [5, 20]
+    n = sum(lens)
+    q, k, v = (torch.randn(n, heads, d, device=DEV) for _ in range(3))
+    coords, freqs = _coords((n,), "int32"), _freqs(d)
+    cu = _cu(lens)
+
+    def f(q, k, v):
+        return torch.ops.pevideo.rope_attention(q * 2, k, v, coords, freqs, "interleaved", cu, 20, None, 0.25)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager" if not ON_GPU else "inductor", fullgraph=True)
+    out = compiled(q, k, v)
+    ref = rope_attention_ref(q * 2, k, v, coords=coords, freqs=freqs, cu_seqlens=cu, scale=0.25)
+    torch.testing.assert_close(out, ref, atol=_F32_TOL, rtol=_F32_TOL)
+
+
+# --------------------------------------------------------------------------------------------------
+# the reference against a naive float64 definition
+# --------------------------------------------------------------------------------------------------
+def _rotate_naive(x, coords, freqs, layout):
+    """x (L, H, D) float64: explicit 2x2 rotation per pair, angle computed in float32 as specified."""
+    d = x.shape[-1]
+    c = coords.to(torch.float32)
+    out = x.clone()
+    for j in range(d // 2):
+        ang = c[:, 0] * freqs[0, j] + c[:, 1] * freqs[1, j] + c[:, 2] * freqs[2, j]  # float32
+        a = ang.double()
+        rot = torch.stack([torch.stack([a.cos(), -a.sin()], -1), torch.stack([a.sin(), a.cos()], -1)], -2)  # (L,2,2)
+        i0, i1 = (2 * j, 2 * j + 1) if layout == "interleaved" else (j, j + d // 2)
+        pair = torch.stack([x[..., i0], x[..., i1]], -1)  # (L, H, 2)
+        turned = torch.einsum("lij,lhj->lhi", rot, pair)
+        out[..., i0], out[..., i1] = turned[..., 0], turned[..., 1]
+    return out
+
+
+def _attend_naive(q, k, v, scale, key_ok):
+    """One sequence, float64: q (Lq, H, D), k/v (Lk, Hkv, D); rows with no real key are zeros."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    if not key_ok.any():
+        return out
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    s = s[..., key_ok]
+    p = torch.softmax(s, -1)
+    return torch.einsum("hqk,khd->qhd", p, v[key_ok])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reference_matches_naive_packed(seed, layout):
+    lens, heads, kvh, d = [3, 0, 11, 6], 4, 2, 12
+    n = sum(lens)
+    q = torch.randn(n, heads, d)
+    k, v = torch.randn(2, n, kvh, d).unbind(0)
+    coords, freqs = _coords((n,), "float").cpu(), _freqs(d).cpu()
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    ref = rope_attention_ref(q, k, v, coords=coords, freqs=freqs, rope_layout=layout, cu_seqlens=cu, scale=0.3)
+    qr = _rotate_naive(q.double(), coords, freqs, layout)
+    kr = _rotate_naive(k.double(), coords, freqs, layout)
+    naive = torch.zeros(n, heads, d, dtype=torch.float64)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if b > a:
+            naive[a:b] = _attend_naive(qr[a:b], kr[a:b], v[a:b].double(), 0.3, torch.ones(b - a, dtype=torch.bool))
+    torch.testing.assert_close(ref.double(), naive, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reference_matches_naive_padded(seed, layout):
+    b, seq, heads, d = 5, 30, 2, 16
+    q, k, v = torch.randn(3, b, seq, heads, d).unbind(0)
+    mask = _masks(b, seq).cpu()
+    coords = _coords((b, seq), "int32").cpu()
+    coords2d, freqs = pe_core_rope_2d(2, 3, d)  # real PE-Core frequencies this time
+    ref = rope_attention_ref(q, k, v, coords=coords, freqs=freqs, rope_layout=layout, key_padding_mask=mask)
+    for i in range(b):
+        qr = _rotate_naive(q[i].double(), coords[i], freqs, layout)
+        kr = _rotate_naive(k[i].double(), coords[i], freqs, layout)
+        naive = _attend_naive(qr, kr, v[i].double(), d**-0.5, mask[i])
+        naive[~mask[i]] = 0
+        torch.testing.assert_close(ref[i].double(), naive, atol=1e-5, rtol=1e-5)
+    # cross attention (no RoPE): rows with no real key are zeros
+    qc = torch.randn(b, 2, heads, d)
+    refc = rope_attention_ref(qc, k, v, key_padding_mask=mask)
+    for i in range(b):
+        naive = _attend_naive(qc[i].double(), k[i].double(), v[i].double(), d**-0.5, mask[i])
+        torch.testing.assert_close(refc[i].double(), naive, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_1d_is_standard_rope(seed):
+    """rope_1d + 'half' layout is transformers' rotate_half RoPE."""
+    d, n = 16, 7
+    coords, freqs = rope_1d(n, d)
+    x = torch.randn(n, 1, d)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.arange(n).float()[:, None] * inv
+    emb = torch.cat([ang, ang], -1)[:, None]
+    rot_half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+    want = x * emb.cos() + rot_half * emb.sin()
+    torch.testing.assert_close(ra.apply_rope_ref(x, coords, freqs, "half"), want, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------------
+def _bad_cases():
+    t = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt)  # noqa: E731
+    q3, q4 = t(10, 2, 16), t(2, 5, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    c3, f = torch.zeros(10, 3), torch.zeros(3, 8)
+    m = torch.ones(2, 5, dtype=torch.bool)
+    return [
+        ("not a tensor", ([1.0], q3, q3), {}),
+        ("int dtype", (t(10, 2, 16, dt=torch.int32),) * 3, {"cu_seqlens": cu}),
+        ("float64", (t(10, 2, 16, dt=torch.float64),) * 3, {"cu_seqlens": cu}),
+        ("dtype mismatch", (q3, q3.half(), q3), {"cu_seqlens": cu}),
+        ("last dim strided", (t(10, 2, 32)[..., ::2], q3, q3), {"cu_seqlens": cu}),
+        ("head_dim too small", (t(10, 2, 4),) * 3, {"cu_seqlens": cu}),
+        ("head_dim too large", (t(1, 2, 2, 264),) * 3, {}),
+        ("head_dim mismatch", (q3, t(10, 2, 8), t(10, 2, 8)), {"cu_seqlens": cu}),
+        ("k/v shape mismatch", (q3, q3, t(10, 1, 16)), {"cu_seqlens": cu}),
+        ("heads not a multiple", (t(10, 3, 16), q3, q3), {"cu_seqlens": cu}),
+        ("k rank differs", (q3, t(10, 1, 2, 16), t(10, 1, 2, 16)), {"cu_seqlens": cu}),
+        ("both modes", (q3, q3, q3), {"cu_seqlens": cu, "key_padding_mask": torch.ones(1, 10, dtype=torch.bool)}),
+        ("packed needs 3-D", (q4, q4, q4), {"cu_seqlens": cu}),
+        ("packed token mismatch", (q3, t(9, 2, 16), t(9, 2, 16)), {"cu_seqlens": cu}),
+        ("cu_seqlens int64", (q3, q3, q3), {"cu_seqlens": cu.long()}),
+        ("cu_seqlens 2-D", (q3, q3, q3), {"cu_seqlens": cu[None]}),
+        ("cu_seqlens one entry", (q3, q3, q3), {"cu_seqlens": cu[:1]}),
+        ("cu_seqlens not from 0", (q3, q3, q3), {"cu_seqlens": torch.tensor([1, 4, 10], dtype=torch.int32)}),
+        ("cu_seqlens decreasing", (q3, q3, q3), {"cu_seqlens": torch.tensor([0, 6, 4, 10], dtype=torch.int32)}),
+        ("cu_seqlens wrong end", (q3, q3, q3), {"cu_seqlens": torch.tensor([0, 4, 9], dtype=torch.int32)}),
+        ("max_seqlen too small", (q3, q3, q3), {"cu_seqlens": cu, "max_seqlen": 5}),
+        ("packed coords shape", (q3, q3, q3), {"cu_seqlens": cu, "coords": torch.zeros(9, 3), "freqs": f}),
+        ("batched needs 4-D", (q3, q3, q3), {}),
+        ("batch mismatch", (q4, t(1, 5, 2, 16), t(1, 5, 2, 16)), {}),
+        ("rope needs same length", (q4, t(2, 6, 2, 16), t(2, 6, 2, 16)), {"coords": torch.zeros(2, 5, 3), "freqs": f}),
+        ("mask not bool", (q4, q4, q4), {"key_padding_mask": m.int()}),
+        ("mask shape", (q4, q4, q4), {"key_padding_mask": m[:, :4]}),
+        ("batched coords shape", (q4, q4, q4), {"coords": torch.zeros(2, 4, 3), "freqs": f}),
+        ("coords without freqs", (q3, q3, q3), {"cu_seqlens": cu, "coords": c3}),
+        ("freqs without coords", (q3, q3, q3), {"cu_seqlens": cu, "freqs": f}),
+        ("coords float64", (q3, q3, q3), {"cu_seqlens": cu, "coords": c3.double(), "freqs": f}),
+        ("odd head_dim with rope", (t(10, 2, 15),) * 3, {"cu_seqlens": cu, "coords": c3, "freqs": torch.zeros(3, 7)}),
+        ("freqs shape", (q3, q3, q3), {"cu_seqlens": cu, "coords": c3, "freqs": torch.zeros(3, 16)}),
+        ("freqs dtype", (q3, q3, q3), {"cu_seqlens": cu, "coords": c3, "freqs": f.double()}),
+        ("bad layout", (q3, q3, q3), {"cu_seqlens": cu, "rope_layout": "rotate_half"}),
+        ("scale zero", (q3, q3, q3), {"cu_seqlens": cu, "scale": 0.0}),
+        ("scale nan", (q3, q3, q3), {"cu_seqlens": cu, "scale": float("nan")}),
+    ]
+
+
+@pytest.mark.parametrize("args, kwargs", [pytest.param(a, k, id=name) for name, a, k in _bad_cases()])
+def test_bad_arguments(args, kwargs):
+    with pytest.raises(ValueError):
+        rope_attention(*args, **kwargs)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="device mismatches need a CUDA device")
+@pytest.mark.parametrize("which", ["k", "cu_seqlens", "mask", "coords", "freqs"])
+def test_bad_devices(which):
+    q = torch.zeros(10, 2, 16, device="cuda")
+    kw = dict(cu_seqlens=torch.tensor([0, 10], dtype=torch.int32, device="cuda"),
+              coords=torch.zeros(10, 3, device="cuda"), freqs=torch.zeros(3, 8, device="cuda"))
+    k = q
+    if which == "k":
+        k = q.cpu()
+    elif which == "mask":
+        q = k = q.reshape(1, 10, 2, 16)
+        kw = dict(key_padding_mask=torch.ones(1, 10, dtype=torch.bool))
+    else:
+        kw[which] = kw[which].cpu()
+    with pytest.raises(ValueError):
+        rope_attention(q, k, k if which != "k" else k, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# bf16 on a GPU: the kernel's error against float32 within 2x of PyTorch's own bf16 error
+# --------------------------------------------------------------------------------------------------
+def _errors(out, ref32):
+    diff = (out.float() - ref32).abs()
+    return diff.max().item(), diff.pow(2).mean().sqrt().item()
+
+
+def _bf16_case(name):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    if name == "frames":  # PE-L frames: 577 tokens, 16 heads, head_dim 64, packed, 2D RoPE
+        coords, freqs = pe_core_rope_2d(24, 24, 64, device="cuda")
+        f = 8
+        q, k, v = r(f * 577, 16, 64), r(f * 577, 16, 64), r(f * 577, 16, 64)
+        return (q, k, v), dict(coords=coords.repeat(f, 1), freqs=freqs, cu_seqlens=_cu([577] * f), max_seqlen=577)
+    if name == "temporal":  # up to 17 tokens per clip, 14 heads, head_dim 128, padded, 1D RoPE (half)
+        b, seq = 16, 17
+        coords, freqs = rope_1d(seq, 128, device="cuda")
+        lens = torch.randint(1, seq + 1, (b,), generator=g, device="cuda")
+        mask = torch.arange(seq, device="cuda")[None] < lens[:, None]
+        return (r(b, seq, 14, 128), r(b, seq, 14, 128), r(b, seq, 14, 128)), dict(
+            coords=coords.expand(b, seq, 3), freqs=freqs, rope_layout="half", key_padding_mask=mask)
+    if name == "pooling":  # one latent query over 577 tokens, 8 heads
+        return (r(8, 1, 8, 128), r(8, 577, 8, 128), r(8, 577, 8, 128)), {}
+    if name == "gqa_nonprefix":
+        b, seq = 4, 300
+        mask = torch.rand(b, seq, device="cuda", generator=g) < 0.7
+        return (r(b, seq, 8, 80), r(b, seq, 2, 80), r(b, seq, 2, 80)), dict(
+            coords=torch.randint(0, 50, (b, seq, 3), device="cuda", generator=g, dtype=torch.int32),
+            freqs=_freqs(80), key_padding_mask=mask)
+    raise AssertionError(name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["frames", "temporal", "pooling", "gqa_nonprefix"])
+def test_bf16_error_within_2x_of_pytorch(name):
+    (q, k, v), kw = _bf16_case(name)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    ref32 = rope_attention_ref(qb.float(), kb.float(), vb.float(), **kw)
+    fused = _fused(qb, kb, vb, **kw)
+    torch_bf16 = rope_attention_ref(qb, kb, vb, **kw)
+    assert torch.isfinite(fused).all()
+    fmax, frms = _errors(fused, ref32)
+    tmax, trms = _errors(torch_bf16, ref32)
+    assert frms <= 2 * trms + 1e-6, (frms, trms)
+    assert fmax <= 2 * tmax + 1e-6, (fmax, tmax)
