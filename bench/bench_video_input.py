@@ -249,7 +249,10 @@ def main(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
 
+    from pevideo.bench import _cpu_name
+
     results = {
+        "machine": {"cpu": _cpu_name(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
         "threads": torch.get_num_threads(), "quick": args.quick,
     }

@@ -89,6 +89,15 @@ def video_tower_flops(config, lengths: list[int]) -> float:
     return float(n * vit + latent_q + 2 * n * (a.num_classes * h + h * h) + temporal)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cores)"
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -199,7 +208,7 @@ def run(args) -> dict:
     }
     if preset == "reduced":
         print("No CUDA GPU: running the reduced CPU configuration (PE-Core S widths, 6 blocks, 224 px) in float32; "
-              "fused kernels need a GPU, so 'pevideo fast' is skipped here. Use --full-size for pe-av-large.")
+              "fused kernels need a GPU, so 'pevideo fast' is skipped here. Use --preset pe-av-large for the real size.")
     eager, fast, hf, note = _build(config, device, dtype, with_transformers=not args.no_transformers)
     if note:
         print(note)
@@ -233,7 +242,7 @@ def run(args) -> dict:
             print(f"  {bname:>24} | {pname:<20} {ms:9.1f} ms")
 
     machine = {
-        "device": torch.cuda.get_device_name(device) if gpu else (platform.processor() or platform.machine()),
+        "device": torch.cuda.get_device_name(device) if gpu else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": str(dtype).replace("torch.", ""),
