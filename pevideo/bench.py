@@ -212,17 +212,24 @@ def run(args) -> dict:
     eager, fast, hf, note = _build(config, device, dtype, with_transformers=not args.no_transformers)
     if note:
         print(note)
-    providers = [("pevideo eager", eager)]
+    from .vit import EAGER_BLOCK_FNS, compiled_block_fns
+
+    # (name, model, the frame encoder's block functions: plain, or torch.compiled)
+    providers = [("pevideo eager", eager, EAGER_BLOCK_FNS)]
     if gpu or args.fast_on_cpu:
-        providers.insert(0, ("pevideo fast", fast))
+        if not args.no_compile:
+            providers.insert(0, ("pevideo fast+compile", fast, compiled_block_fns()))
+        providers.insert(0, ("pevideo fast", fast, EAGER_BLOCK_FNS))
     if hf is not None:
-        providers.append(("transformers (sdpa)", hf))
+        providers.append(("transformers (sdpa)", hf, None))
 
     rate = matmul_rate(device, dtype)
     results: list[Result] = []
     for bname, lengths in batches.items():
         pixels, mask = _inputs(config, lengths, FULL_FRAMES, device, dtype)
-        for pname, model in providers:
+        for pname, model, block_fns in providers:
+            if block_fns is not None:
+                model.vit.block_fns = block_fns
             if gpu:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -331,6 +338,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model size: auto = pe-av-large on a GPU, a reduced config on CPU")
     p.add_argument("--fast-on-cpu", action="store_true", help="also time fast=True on CPU (falls back or interprets)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' model")
+    p.add_argument("--no-compile", action="store_true", help="skip the 'pevideo fast+compile' provider")
     p.add_argument("--out", default="pevideo-bench", help="folder for the JSON and the PNG chart")
     p.add_argument("--tag", default="model", help="file names are <device>-<tag>.json/.png (default %(default)s)")
 

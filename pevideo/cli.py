@@ -17,6 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
+
+    from . import embed_cli
+
+    embed_cli.register(sub)  # embed, classify, merge
     return parser
 
 

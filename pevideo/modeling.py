@@ -269,6 +269,7 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         self.output = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self._rope_theta = _rope_theta(config)
         self._head_dim = self.layers[0].self_attn.head_dim if len(self.layers) else 0
+        self._rope_cache: dict = {}
         #: encode at most this many frames per frame-encoder call (bounds activation memory); None = all
         self.frame_batch_size: int | None = None
         self._init_temporal()
@@ -317,6 +318,18 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         feats = F.normalize(logits, dim=-1)
         return self.embedder.data_proj(self.embedder.proj(feats))
 
+    def _temporal_rope(self, b: int, s: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """1D RoPE coords (b, s, 3) and freqs for the temporal transformer, cached per shape and device."""
+        key = (b, s, str(device))
+        hit = self._rope_cache.get(key)
+        if hit is None:
+            coords, freqs = rope_1d(s, self._head_dim, theta=self._rope_theta)
+            hit = (coords.expand(b, s, 3).contiguous().to(device), freqs.to(device))
+            if len(self._rope_cache) > 64:
+                self._rope_cache.clear()
+            self._rope_cache[key] = hit
+        return hit
+
     def _run(self, frames, b: int, t: int, mask, real, norm):
         if mask is not None and real.numel() == b * t:
             real = None  # nothing is padding: skip the gather and scatter
@@ -329,9 +342,7 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         if mask is not None:
             mask = mask.to(x.device)
         x, mask = self.patch_embedder(x, mask)
-        s = x.shape[1]
-        coords, freqs = rope_1d(s, self._head_dim, theta=self._rope_theta, device=x.device)
-        rope = (coords.expand(b, s, 3).contiguous(), freqs)
+        rope = self._temporal_rope(b, x.shape[1], x.device)
         for layer in self.layers:
             x = layer(x, rope, mask)
         x = self.output(self.norm(x))

@@ -1,0 +1,66 @@
+"""Tiny test media: short videos written with PyAV, and a tiny checkpoint folder with a tokenizer."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def write_video(path, n_frames: int, height: int = 48, width: int = 64, codec: str = "h264", rate: int = 25, seed: int = 0):
+    """``n_frames`` frames of smooth moving color (so that clips differ and compress well)."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    phase = rng.uniform(0, 6.28, 3)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    with av.open(os.fspath(path), "w") as c:
+        s = c.add_stream(codec, rate=rate)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        s.codec_context.gop_size = 4
+        for i in range(n_frames):
+            img = np.stack([127 + 100 * np.sin(xx / (7 + k) + yy / (9 + k) + 0.5 * i + phase[k]) for k in range(3)], -1)
+            frame = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return os.fspath(path)
+
+
+def write_corrupt(path, like: str | None = None) -> str:
+    """Not a video: garbage bytes (or the first bytes of ``like``, cut before any frame)."""
+    data = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4
+    if like is not None:
+        with open(like, "rb") as f:
+            data = f.read()[:200]
+    with open(path, "wb") as f:
+        f.write(data)
+    return os.fspath(path)
+
+
+def write_tokenizer(folder) -> None:
+    """A WordLevel tokenizer for the tiny text config (vocab 97; pad 0, cls 1, sep 2), saved as transformers does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3}
+    for w in "a an the of person playing tennis cat sleeping dog cooking running video".split():
+        vocab[w] = len(vocab)
+    for i in range(len(vocab), 97):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                                   unk_token="[UNK]")
+    fast.save_pretrained(os.fspath(folder))
+
+
+def write_checkpoint(folder, name: str = "tiny", seed: int = 0, tokenizer: bool = True) -> str:
+    """A random upstream (transformers) PeVideoModel saved with ``save_pretrained``, plus a tokenizer."""
+    from _upstream import upstream_model
+
+    upstream_model(name, seed).save_pretrained(os.fspath(folder))
+    if tokenizer:
+        write_tokenizer(folder)
+    return os.fspath(folder)
