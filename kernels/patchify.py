@@ -131,16 +131,14 @@ if HAS_TRITON and hasattr(torch.library, "triton_op"):
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
 
+    # (BLOCK, num_warps) autotuned on CUDA; tests/_build_for_gpu.py compiles each for Hopper.
+    _CUDA_CONFIGS = [(block, warps) for block in (1024, 2048, 4096) for warps in (4, 8)]
     if interpreting():
         # One fixed config: the interpreter runs programs one by one on the CPU, and BLOCK below the
         # 28x42 / p=14 test row (1764 elements) makes the tests cover the chunk mask.
         _CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4)]
     else:
-        _CONFIGS = [
-            triton.Config({"BLOCK": block}, num_warps=warps)
-            for block in (1024, 2048, 4096)
-            for warps in (4, 8)
-        ]
+        _CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in _CUDA_CONFIGS]
 
     @triton.autotune(configs=_CONFIGS, key=["P", "ROW"])
     @triton.jit

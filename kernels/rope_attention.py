@@ -663,8 +663,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _launch(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out):
-    """Launch the kernel into ``out`` (q's leading shape, contiguous). Arguments already checked."""
+def _kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out):
+    """The kernel's arguments for these (checked) inputs: (args, flags, nbatch, seqlen_q, seqlen_k, hq).
+
+    Shared by the launcher and by the ahead-of-time build check (tests/_build_for_gpu.py), so the latter
+    compiles exactly what a launch would.
+    """
     packed = cu_seqlens is not None
     d = q.shape[-1]
     hq, hkv = q.shape[-2], k.shape[-2]
@@ -675,10 +679,6 @@ def _launch(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_pad
     else:
         nbatch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         sq, sk, sv, so = (t.stride()[:3] for t in (q, k, v, out))
-    if out.numel() == 0 or seqlen_q == 0:
-        return out
-    if not packed and seqlen_k == 0:
-        return out.zero_()
 
     has_rope = coords is not None
     has_mask = key_padding_mask is not None
@@ -714,6 +714,19 @@ def _launch(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_pad
         FAST_TRIG=q.device.type == "cuda" and torch.version.hip is None,
         IEEE_DOT=q.dtype == torch.float32,
     )
+    return args, flags, nbatch, seqlen_q, seqlen_k, hq
+
+
+def _launch(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out):
+    """Launch the kernel into ``out`` (q's leading shape, contiguous). Arguments already checked."""
+    packed = cu_seqlens is not None
+    if out.numel() == 0 or (int(max_seqlen) if packed else q.shape[1]) == 0:
+        return out
+    if not packed and k.shape[1] == 0:
+        return out.zero_()
+    args, flags, nbatch, seqlen_q, seqlen_k, hq = _kernel_args(
+        q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out
+    )
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * nbatch, hq)
@@ -723,6 +736,7 @@ def _launch(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_pad
         bm, bn = _INTERPRET_BLOCKS
         _rope_attn_fwd[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
     else:
+        bucket_q, block_d = args[-2], flags["BLOCK_D"]
         kernel = _tuned_kernel(_config_set(bucket_q, block_d, q.dtype == torch.float32))
         wrap = getattr(torch.library, "wrap_triton", None)  # lets torch.compile trace the launch
         with torch.cuda.device(q.device):

@@ -160,10 +160,10 @@ def test_fps_sampling_with_metadata(saved, seed):
 
 @pytest.fixture(scope="module")
 def video_files(tmp_path_factory):
-    from test_video import write_video
+    from _media import write_video
 
     d = tmp_path_factory.mktemp("vids")
-    return [write_video(d / "a.mp4", n=24), write_video(d / "b.mp4", n=11), write_video(d / "c.mkv", n=11, fmt="matroska")]
+    return [write_video(d / "a.mp4", 24), write_video(d / "b.mp4", 11, seed=1), write_video(d / "c.mkv", 11, seed=2)]
 
 
 @pytest.mark.parametrize("n", [4, 16])
