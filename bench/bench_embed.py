@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -30,6 +29,8 @@ import time
 
 import numpy as np
 import torch
+
+from pevideo.bench import _cpu_name
 
 TEXT_CONFIG = dict(num_hidden_layers=1, num_attention_heads=4, vocab_size=1000, global_attn_every_n_layers=1,
                    pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
@@ -190,7 +191,7 @@ def run(args) -> dict:
 
     return dict(
         benchmark="embed",
-        device=torch.cuda.get_device_name(device) if gpu else (platform.processor() or platform.machine()),
+        device=torch.cuda.get_device_name(device) if gpu else _cpu_name(),
         cpu_count=os.cpu_count(), preset=preset, dtype=str(dtype).replace("torch.", ""), fast=fast,
         num_frames=args.num_frames, batch_size=args.batch_size, clips=clips, source=source,
         encoder_only_clips_per_s=round(ceiling, 2), results=rows,
