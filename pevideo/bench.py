@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .loading import parse_dtype
+
 __all__ = ["main", "add_arguments", "video_tower_flops", "pe_av_large_video_config", "reduced_video_config"]
 
 FULL_FRAMES = 16
@@ -194,7 +196,7 @@ def _build(config, device, dtype, with_transformers: bool):
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     gpu = device.type == "cuda"
     preset = args.preset if args.preset != "auto" else ("pe-av-large" if gpu else "reduced")
     config = CONFIGS[preset]()

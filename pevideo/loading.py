@@ -113,16 +113,21 @@ def _stored_dtype(state: dict) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def _resolve_dtype(dtype, stored: torch.dtype) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return stored
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+               "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """A torch dtype, or one of its names in ``DTYPE_NAMES`` ("bf16", "float32", ...), as a torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if str(dtype) in names:
-        return names[str(dtype)]
-    raise ValueError(f"dtype must be 'auto', a torch dtype or one of {sorted(names)}, got {dtype!r}")
+    if str(dtype) in DTYPE_NAMES:
+        return DTYPE_NAMES[str(dtype)]
+    raise ValueError(f"dtype must be 'auto', a torch dtype or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+
+
+def _resolve_dtype(dtype, stored: torch.dtype) -> torch.dtype:
+    return stored if dtype is None or dtype == "auto" else parse_dtype(dtype)
 
 
 def _resolve_device(device, device_map) -> torch.device | None:

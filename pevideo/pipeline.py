@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .loading import parse_dtype
+
 __all__ = [
     "embed_videos",
     "embed_to_file",
@@ -137,8 +139,6 @@ def _read_list(list_file: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Model, processor, device
 # --------------------------------------------------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def _resolve_device(device) -> torch.device:
@@ -154,11 +154,7 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """None/"auto": bfloat16 on a GPU, float32 on CPU."""
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype) not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or 'auto'), got {dtype!r}")
-    return _DTYPES[str(dtype)]
+    return parse_dtype(dtype)
 
 
 def load_model(path, *, device=None, dtype=None, fast: bool | None = None):
