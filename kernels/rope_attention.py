@@ -124,8 +124,9 @@ def apply_rope_ref(x: torch.Tensor, coords: torch.Tensor, freqs: torch.Tensor, r
     return out.to(x.dtype)
 
 
-def _sdpa_bhld(q, k, v, mask, scale):
-    """SDPA on (B, L, H, D) views; mask (B, Lk) bool or None. Rows with no real key give zeros."""
+def _sdpa_bhld(q, k, v, mask, scale, skip_padded_queries=False):
+    """SDPA on (B, L, H, D) views; mask (B, Lk) bool or None. Rows with no real key give zeros, and so
+    do padded query rows (self-attention) with ``skip_padded_queries``."""
     hq, hk = q.shape[2], k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if hk != hq:  # grouped-query attention: head h reads kv head h // (hq // hk)
@@ -135,8 +136,12 @@ def _sdpa_bhld(q, k, v, mask, scale):
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, scale=scale)
     out = out.transpose(1, 2)
     if mask is not None:
-        # Self-attention: padded query rows give zeros. Cross-attention: rows with no real key do.
-        keep = mask[:, :, None, None] if q.shape[1] == k.shape[1] else mask.any(dim=1)[:, None, None, None]
+        # Rows with no real key give zeros (SDPA would give NaN); with skip_padded_queries, so do the
+        # padded query rows of self-attention.
+        if skip_padded_queries and q.shape[1] == k.shape[1]:
+            keep = mask[:, :, None, None]
+        else:
+            keep = mask.any(dim=1)[:, None, None, None]
         out = torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out
 
@@ -153,6 +158,7 @@ def rope_attention_ref(
     max_seqlen: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    skip_padded_queries: bool = False,
 ) -> torch.Tensor:
     """Plain PyTorch :func:`rope_attention`: rotate q and k in float32, cast back, then attention.
 
@@ -164,7 +170,7 @@ def rope_attention_ref(
         k = apply_rope_ref(k, coords, freqs, rope_layout)
 
     if cu_seqlens is None:
-        return _sdpa_bhld(q, k, v, key_padding_mask, scale).contiguous()
+        return _sdpa_bhld(q, k, v, key_padding_mask, scale, skip_padded_queries).contiguous()
 
     # Packed: gather segments into a padded batch; equal lengths (frames) need no mask.
     bounds = cu_seqlens.tolist()
@@ -184,7 +190,7 @@ def rope_attention_ref(
     pos = torch.arange(lmax, device=dev)
     valid = pos[None, :] < seg_lens[:, None]  # (S, Lmax)
     idx = (starts[:, None] + pos[None, :]).clamp(max=q.shape[0] - 1)
-    res = _sdpa_bhld(q[idx], k[idx], v[idx], valid, scale)  # (S, Lmax, H, D)
+    res = _sdpa_bhld(q[idx], k[idx], v[idx], valid, scale, True)  # (S, Lmax, H, D); padded rows unused
     out[idx[valid]] = res[valid]
     return out
 
@@ -192,7 +198,8 @@ def rope_attention_ref(
 # --------------------------------------------------------------------------------------------------
 # Argument checks, shared by the kernel and the reference
 # --------------------------------------------------------------------------------------------------
-def _check_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale):
+def _check_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale,
+                skip_padded_queries=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -282,6 +289,10 @@ def _check_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key
         raise ValueError(f"rope_layout must be one of {_LAYOUTS}, got {rope_layout!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if not isinstance(skip_padded_queries, bool):
+        raise ValueError(f"skip_padded_queries must be a bool, got {skip_padded_queries!r}")
+    if skip_padded_queries and (key_padding_mask is None or q.shape[1] != k.shape[1]):
+        raise ValueError("skip_padded_queries needs a key_padding_mask and self-attention (q and k of one length)")
 
 
 def rope_attention_unsupported_reason(q, k, v, *, coords=None, freqs=None, key_padding_mask=None, cu_seqlens=None):
@@ -663,7 +674,8 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out):
+def _kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out,
+                 skip_padded_queries=False):
     """The kernel's arguments for these (checked) inputs: (args, flags, nbatch, seqlen_q, seqlen_k, hq).
 
     Shared by the launcher and by the ahead-of-time build check (tests/_build_for_gpu.py), so the latter
@@ -710,14 +722,14 @@ def _kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, ke
     flags = dict(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h,
         HAS_ROPE=has_rope, INTERLEAVED=rope_layout == "interleaved", IS_PACKED=packed,
-        HAS_MASK=has_mask, ZERO_PAD_Q=has_mask and seqlen_q == seqlen_k,
+        HAS_MASK=has_mask, ZERO_PAD_Q=has_mask and seqlen_q == seqlen_k and bool(skip_padded_queries),
         FAST_TRIG=q.device.type == "cuda" and torch.version.hip is None,
         IEEE_DOT=q.dtype == torch.float32,
     )
     return args, flags, nbatch, seqlen_q, seqlen_k, hq
 
 
-def _launch(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out):
+def _launch(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries, out):
     """Launch the kernel into ``out`` (q's leading shape, contiguous). Arguments already checked."""
     packed = cu_seqlens is not None
     if out.numel() == 0 or (int(max_seqlen) if packed else q.shape[1]) == 0:
@@ -725,7 +737,7 @@ def _launch(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_pad
     if not packed and k.shape[1] == 0:
         return out.zero_()
     args, flags, nbatch, seqlen_q, seqlen_k, hq = _kernel_args(
-        q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out
+        q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out, skip_padded_queries
     )
 
     def grid(meta):
@@ -755,11 +767,14 @@ def _rope_attention_impl(
     max_seqlen: int,
     key_padding_mask: Optional[torch.Tensor],
     scale: float,
+    skip_padded_queries: bool = False,
 ) -> torch.Tensor:
     out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
     if _POISON_OUTPUT:
         out.fill_(float("nan"))
-    return _launch(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out)
+    return _launch(
+        q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries, out
+    )
 
 
 def _register_op():
@@ -771,7 +786,7 @@ def _register_op():
     op = torch.library.custom_op("pevideo::rope_attention", _rope_attention_impl, mutates_args=())
 
     @op.register_fake
-    def _(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale):
+    def _(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries=False):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
     return op
@@ -785,7 +800,9 @@ if _HAS_KERNEL and hasattr(torch.library, "triton_op"):
         _rope_attention_op = None
 
 
-def _rope_attention_fused(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale):
+def _rope_attention_fused(
+    q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries=False
+):
     """The Triton path of :func:`rope_attention` (arguments already checked by ``_check_args``).
 
     Packed mode: ``max_seqlen`` None costs a host sync; when given it must be at least the longest
@@ -798,9 +815,11 @@ def _rope_attention_fused(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_s
     max_seqlen = 0 if max_seqlen is None else int(max_seqlen)
     if _rope_attention_op is not None:
         return torch.ops.pevideo.rope_attention(
-            q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale
+            q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries
         )
-    return _rope_attention_impl(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale)
+    return _rope_attention_impl(
+        q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -818,6 +837,7 @@ def rope_attention(
     max_seqlen: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    skip_padded_queries: bool = False,
 ) -> torch.Tensor:
     """Softmax attention with RoPE applied to q and k as they are loaded.
 
@@ -825,8 +845,10 @@ def rope_attention(
       * packed: ``q, k, v: (tokens, heads, head_dim)`` and ``cu_seqlens: (segments + 1,)`` int32;
         tokens attend within their segment; empty segments are allowed.
       * padded: ``q, k, v: (batch, seq, heads, head_dim)`` and ``key_padding_mask: (batch, seq)`` bool
-        (True = real); padded keys are ignored and padded query rows return zeros (so a row with no
-        real key is zeros, never NaN).
+        (True = real); padded keys are ignored and every query row is computed over the real keys, as
+        SDPA with a key mask does; a row with no real key gives zeros, never NaN. With
+        ``skip_padded_queries=True`` (self-attention only) padded query rows are not computed at all
+        and give zeros: for callers that discard them, it skips their work.
       * full: ``(batch, seq, heads, head_dim)`` with neither.
     In the batched modes k and v may be longer or shorter than q when there is no RoPE (cross
     attention, e.g. a latent query pooling a sequence). k and v may have fewer heads than q
@@ -843,13 +865,15 @@ def rope_attention(
     Runs the Triton kernel on CUDA tensors (and on CPU under TRITON_INTERPRET=1), the reference
     otherwise; bad arguments raise ValueError before anything runs.
     """
-    _check_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale)
+    _check_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries)
     reason = rope_attention_unsupported_reason(
         q, k, v, coords=coords, freqs=freqs, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens
     )
     if reason is None:
-        return _rope_attention_fused(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale)
+        return _rope_attention_fused(
+            q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries
+        )
     return rope_attention_ref(
         q, k, v, coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens,
-        max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, scale=scale,
+        max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, scale=scale, skip_padded_queries=skip_padded_queries,
     )

@@ -119,9 +119,10 @@ class Ops:
         max_seqlen: int | None = None,
         key_padding_mask: torch.Tensor | None = None,
         scale: float | None = None,
+        skip_padded_queries: bool = False,
     ) -> torch.Tensor:
         """:func:`pevideo_kernels.rope_attention` (same arguments), recorded under ``op``."""
-        args = (q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale)
+        args = (q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries)
         return self._run(
             op,
             lambda: _attn._check_args(*args),
@@ -132,6 +133,7 @@ class Ops:
             lambda: _attn.rope_attention_ref(
                 q, k, v, coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens,
                 max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, scale=scale,
+                skip_padded_queries=skip_padded_queries,
             ),
         )
 

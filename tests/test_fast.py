@@ -52,6 +52,22 @@ def test_fast_matches_eager_fp32(large80, lengths, masked):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [[[0, 1, 1, 1]], [[0, 0, 1, 1]], [[0, 1, 1, 0], [1, 1, 0, 1]]])
+def test_fast_matches_eager_any_mask(large80, rows):
+    """Masks with leading pads and holes: every temporal query row is computed (the class token's too)."""
+    eager, fast = large80
+    mask = torch.tensor(rows, dtype=torch.bool, device=DEVICE)
+    pixels, _ = video_inputs(eager.config, [mask.shape[1]] * mask.shape[0])
+    pixels = pixels.to(DEVICE)
+    with torch.no_grad():
+        a = eager.get_video_features(pixels, mask)
+        b = fast.get_video_features(pixels, mask)
+    assert pevideo.kernel_report(fast)["temporal_attention"] == "fused"
+    assert rel_err(b.pooler_output, a.pooler_output) <= 1e-4
+    assert rel_err(b.last_hidden_state[mask], a.last_hidden_state[mask]) <= 1e-4
+
+
+@needs_kernels
 def test_fast_uint8_entry(large80):
     eager, fast = large80
     pixels, mask = video_inputs(eager.config, [2, 1])

@@ -58,6 +58,41 @@ def test_matches_upstream(pair, batch):
     _compare(a, b, mask)
 
 
+# Masks that are not a prefix of real frames: the class token takes frame 0's mask, so with a leading
+# pad it is itself a padded position, and upstream still computes its row (keys alone are masked).
+MASKS = {
+    "leading": [[0, 1, 1, 1]],
+    "two-leading": [[0, 0, 1, 1]],
+    "hole-and-trailing": [[0, 1, 1, 0]],
+    "mixed": [[0, 1, 1, 0], [1, 0, 1, 1], [1, 1, 0, 0]],
+}
+
+
+@pytest.mark.parametrize("rows", sorted(MASKS))
+def test_any_mask_matches_upstream(pair, rows):
+    hf, ours, _ = pair
+    mask = torch.tensor(MASKS[rows], dtype=torch.bool)
+    pixels, _ = video_inputs(hf.config, [mask.shape[1]] * mask.shape[0])
+    ids, am = text_inputs(mask.shape[0])
+    with torch.no_grad():
+        a = hf(input_ids=ids, attention_mask=am, pixel_values_videos=pixels, padding_mask_videos=mask)
+        b = ours(input_ids=ids, attention_mask=am, pixel_values_videos=pixels, padding_mask_videos=mask)
+    _compare(a, b, mask)
+
+
+def test_leading_pad_pooled_output_follows_the_video(pair):
+    """With frame 0 padded, the pooled output still depends on the real frames (it did not, once)."""
+    _, ours, _ = pair
+    mask = torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)
+    pixels, _ = video_inputs(ours.config, [4])
+    changed = pixels.clone()
+    changed[0, 3] = torch.randn(changed[0, 3].shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a = ours.get_video_features(pixels, mask).pooler_output
+        b = ours.get_video_features(changed, mask).pooler_output
+    assert rel_err(a, b) > 1e-4
+
+
 def test_padded_frames_are_not_encoded(pair):
     """Padded pixels never reach the frame encoder: garbage there changes nothing, and it runs on real frames only."""
     _, ours, _ = pair

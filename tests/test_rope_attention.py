@@ -165,29 +165,51 @@ def _masks(b, seq):
 
 @pytest.mark.parametrize("tol", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("head_dim, coord_kind", [(16, "int32"), (64, "float")])
-def test_padded(seed, tol, layout, head_dim, coord_kind):
+@pytest.mark.parametrize("head_dim, coord_kind, skip", [(16, "int32", False), (64, "float", False), (16, "float", True)])
+def test_padded(seed, tol, layout, head_dim, coord_kind, skip):
     dtype, atol, rtol = tol
     b, seq, heads = 5, 40, 2
     q, k, v = (_rand(b, seq, heads, head_dim, dtype=dtype) for _ in range(3))
     mask = _masks(b, seq)
-    kw = dict(coords=_coords((b, seq), coord_kind), freqs=_freqs(head_dim), rope_layout=layout, key_padding_mask=mask)
+    kw = dict(coords=_coords((b, seq), coord_kind), freqs=_freqs(head_dim), rope_layout=layout, key_padding_mask=mask,
+              skip_padded_queries=skip)
     out = _fused(q, k, v, **kw)
     _check(out, _ref32(q, k, v, **kw), q, atol, rtol)
-    assert (out[~mask] == 0).all(), "padded query rows must be zeros"
+    assert (out[1] == 0).all(), "a row with no real key must be zeros"
+    has_keys = mask.any(1)[:, None].expand_as(mask)
+    if skip:
+        assert (out[~mask] == 0).all(), "skip_padded_queries: padded query rows must be zeros"
+    else:  # every query row with a real key is computed, padded ones included (as SDPA with a key mask)
+        assert (out[~mask & has_keys].abs().sum(-1) > 0).all()
     assert (out[mask].abs().sum(-1) > 0).all()
 
 
+def test_padded_rows_match_sdpa_key_mask(seed):
+    """Default padded mode = SDPA with a key-padding mask, padded query rows included."""
+    b, seq, heads, d = 5, 19, 2, 16
+    q, k, v = (_rand(b, seq, heads, d, dtype=torch.float32) for _ in range(3))
+    mask = _masks(b, seq)
+    out = _fused(q, k, v, key_padding_mask=mask)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :]
+    ).transpose(1, 2)
+    real = mask.any(1)
+    torch.testing.assert_close(out[real], sdpa[real], atol=_F32_TOL, rtol=_F32_TOL)
+    assert (out[~real] == 0).all()
+
+
 @pytest.mark.parametrize("tol", DTYPES)
-def test_padded_garbage_in_padding(seed, tol):
-    """Padding tokens may hold anything, NaN included: real rows must not see it."""
+@pytest.mark.parametrize("skip", [False, True])
+def test_padded_garbage_in_padding(seed, tol, skip):
+    """Padding tokens may hold anything, NaN included: real rows must not see it. With
+    skip_padded_queries, padded query rows are not read at all (zeros out)."""
     dtype, atol, rtol = tol
     b, seq, heads, d = 5, 33, 2, 16
     q, k, v = (_rand(b, seq, heads, d, dtype=dtype) for _ in range(3))
     mask = _masks(b, seq)
-    kw = dict(coords=_coords((b, seq), "int32"), freqs=_freqs(d), key_padding_mask=mask)
+    kw = dict(coords=_coords((b, seq), "int32"), freqs=_freqs(d), key_padding_mask=mask, skip_padded_queries=skip)
     ref = _ref32(q, k, v, **kw)
-    for t in (q, k, v):
+    for t in ((q, k, v) if skip else (k, v)):
         t[~mask] = float("nan")
     _check(_fused(q, k, v, **kw), ref, q, atol, rtol)
 
@@ -369,12 +391,15 @@ def test_reference_matches_naive_padded(seed, layout):
     coords = _coords((b, seq), "int32").cpu()
     coords2d, freqs = pe_core_rope_2d(2, 3, d)  # real PE-Core frequencies this time
     ref = rope_attention_ref(q, k, v, coords=coords, freqs=freqs, rope_layout=layout, key_padding_mask=mask)
+    skip = rope_attention_ref(q, k, v, coords=coords, freqs=freqs, rope_layout=layout, key_padding_mask=mask,
+                              skip_padded_queries=True)
     for i in range(b):
         qr = _rotate_naive(q[i].double(), coords[i], freqs, layout)
         kr = _rotate_naive(k[i].double(), coords[i], freqs, layout)
-        naive = _attend_naive(qr, kr, v[i].double(), d**-0.5, mask[i])
-        naive[~mask[i]] = 0
+        naive = _attend_naive(qr, kr, v[i].double(), d**-0.5, mask[i])  # every query row, keys masked
         torch.testing.assert_close(ref[i].double(), naive, atol=1e-5, rtol=1e-5)
+        naive[~mask[i]] = 0
+        torch.testing.assert_close(skip[i].double(), naive, atol=1e-5, rtol=1e-5)
     # cross attention (no RoPE): rows with no real key are zeros
     qc = torch.randn(b, 2, heads, d)
     refc = rope_attention_ref(qc, k, v, key_padding_mask=mask)
@@ -443,6 +468,9 @@ def _bad_cases():
         ("bad layout", (q3, q3, q3), {"cu_seqlens": cu, "rope_layout": "rotate_half"}),
         ("scale zero", (q3, q3, q3), {"cu_seqlens": cu, "scale": 0.0}),
         ("scale nan", (q3, q3, q3), {"cu_seqlens": cu, "scale": float("nan")}),
+        ("skip without mask", (q4, q4, q4), {"skip_padded_queries": True}),
+        ("skip packed", (q3, q3, q3), {"cu_seqlens": cu, "skip_padded_queries": True}),
+        ("skip not bool", (q4, q4, q4), {"key_padding_mask": m, "skip_padded_queries": 1}),
     ]
 
 
