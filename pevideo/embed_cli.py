@@ -31,7 +31,7 @@ exit status: 0 all done, 1 some videos failed (see the errors file), 2 usage err
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub id")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--num-frames", type=int, default=None, help="frames sampled per clip, spread over the video (default 16)")
+    g.add_argument("--num-frames", type=int, default=None, help="frames sampled per clip, spread over the video (default 16; at most 512 unless PEVIDEO_MAX_FRAMES raises it)")
     g.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead (clips then differ in length)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call (default 8)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the CPUs per rank - 1, at most 16; 0 = decode inline)")
@@ -44,6 +44,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument("--apply-rotation", action="store_true",
+                   help="rotate frames upright by the video's rotation metadata (default: as stored, as upstream)")
 
 
 def register(sub) -> None:
@@ -141,7 +143,7 @@ def run_embed(args: argparse.Namespace) -> int:
             paths, args.model, args.out, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
             shard_size=args.shard_size, num_workers=args.workers, pooled=args.pooled, device=args.device,
             dtype=args.dtype, fast=args.fast, errors=args.errors, overwrite=args.overwrite,
-            keep_shards=args.keep_shards, progress=args.progress,
+            keep_shards=args.keep_shards, progress=args.progress, apply_rotation=args.apply_rotation,
             on_error=None if args.quiet else (lambda r: _say(f"pevideo embed: failed: {_failure(r)}")),
         )
         if not args.quiet and _is_rank0():
@@ -198,6 +200,7 @@ def run_classify(args: argparse.Namespace) -> int:
         results = list(classify_videos(
             paths, args.model, labels, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
             num_workers=args.workers, device=args.device, dtype=args.dtype, fast=args.fast, progress=args.progress,
+            apply_rotation=args.apply_rotation,
         ))
         failed = [r for r in results if not r.ok]
         for r in failed:

@@ -230,8 +230,11 @@ def _to_model_frames(processor, frames: np.ndarray) -> torch.Tensor:
 class _ClipDataset(torch.utils.data.Dataset):
     """Item i: the decoded, resized clip of ``paths[i]``, or the reason it could not be read."""
 
-    def __init__(self, paths: Sequence[str], processor, num_frames: int | None, fps: float | None):
+    def __init__(self, paths: Sequence[str], processor, num_frames: int | None, fps: float | None,
+                 apply_rotation: bool = False):
         self.paths, self.processor, self.num_frames, self.fps = paths, processor, num_frames, fps
+        s = processor._settings({})  # resize each frame as it is decoded, exactly as the processor would
+        self.decode = dict(size=s["size"], resample=s["mode"], apply_rotation=apply_rotation)
 
     def __len__(self):
         return len(self.paths)
@@ -241,7 +244,7 @@ class _ClipDataset(torch.utils.data.Dataset):
 
         path = self.paths[i]
         try:
-            frames, meta = load_video(path, num_frames=self.num_frames, fps=self.fps)
+            frames, meta = load_video(path, num_frames=self.num_frames, fps=self.fps, **self.decode)
             clip = _to_model_frames(self.processor, frames)
             return dict(index=i, path=path, frames=clip, total=int(meta.total_num_frames),
                         indices=list(meta.frames_indices), error=None)
@@ -381,7 +384,7 @@ class _Encoder:
 
 
 def _run(paths: Sequence[str], order: Sequence[int], model, processor, *, num_frames, fps, batch_size,
-         num_workers, pooled, stats: PipelineStats, progress) -> Iterator[ClipResult]:
+         num_workers, pooled, stats: PipelineStats, progress, apply_rotation=False) -> Iterator[ClipResult]:
     """Encode ``paths[i]`` for i in ``order``; yield results in that order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -393,7 +396,7 @@ def _run(paths: Sequence[str], order: Sequence[int], model, processor, *, num_fr
         return
     encoder = _Encoder(model, processor, pooled)
     loader = torch.utils.data.DataLoader(
-        _ClipDataset(paths, processor, num_frames, fps),
+        _ClipDataset(paths, processor, num_frames, fps, apply_rotation),
         batch_sampler=[order[i : i + batch_size] for i in range(0, len(order), batch_size)],
         num_workers=num_workers,
         collate_fn=_collate,
@@ -455,6 +458,10 @@ def _sampling(num_frames, fps):
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     if fps is not None and not (float(fps) > 0 and math.isfinite(float(fps))):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if num_frames is not None:
+        from .video import check_frame_cap
+
+        check_frame_cap(int(num_frames), name="num_frames")
     return (int(num_frames) if num_frames is not None else None), (float(fps) if fps is not None else None)
 
 
@@ -491,6 +498,7 @@ def embed_videos(
     fast: bool | None = None,
     progress: bool | None = False,
     stats: PipelineStats | None = None,
+    apply_rotation: bool = False,
 ) -> Iterator[ClipResult]:
     """Embed videos; yields one :class:`ClipResult` per video, in input order.
 
@@ -507,6 +515,8 @@ def embed_videos(
         pooled: also return the video encoder's pooled output (before the contrastive head).
         progress: a progress bar on stderr (None: only on a terminal). stats: a
             :class:`PipelineStats` to fill in (throughput, time blocked on decoding).
+        apply_rotation: rotate frames upright by their display matrix (off, as upstream; see
+            :func:`pevideo.load_video`).
 
     Results carry float32 CPU tensors: ``video_embeds`` (D,) as ``model.get_video_features`` returns
     them (not L2-normalized, like upstream's), and ``pooled`` (H,) when asked for.
@@ -517,7 +527,8 @@ def embed_videos(
     model, processor, _ = _model_and_processor(model, processor, device, dtype, fast)
     return _run(paths, range(len(paths)), model, processor, num_frames=num_frames, fps=fps,
                 batch_size=batch_size, num_workers=num_workers, pooled=pooled,
-                stats=stats if stats is not None else PipelineStats(), progress=progress)
+                stats=stats if stats is not None else PipelineStats(), progress=progress,
+                apply_rotation=apply_rotation)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,6 +574,7 @@ def classify_videos(
     fast: bool | None = None,
     progress: bool | None = False,
     stats: PipelineStats | None = None,
+    apply_rotation: bool = False,
 ) -> Iterator[ClassifyResult]:
     """Zero-shot classification: yields per video (in input order) the sigmoid probability of each label.
 
@@ -583,7 +595,8 @@ def classify_videos(
     bias = float(model.text_video_logit_bias.float().item())
     results = _run(paths, range(len(paths)), model, processor, num_frames=num_frames, fps=fps,
                    batch_size=batch_size, num_workers=num_workers, pooled=False,
-                   stats=stats if stats is not None else PipelineStats(), progress=progress)
+                   stats=stats if stats is not None else PipelineStats(), progress=progress,
+                   apply_rotation=apply_rotation)
     return _scores(results, text, scale, bias)
 
 
@@ -1088,6 +1101,7 @@ def embed_to_file(
     progress: bool | None = None,
     on_error: Callable[[ClipResult], None] | None = None,
     on_shard: Callable[[int], None] | None = None,
+    apply_rotation: bool = False,
 ) -> EmbedSummary:
     """Embed every video of ``inputs`` into ``out``, resumably; what ``pevideo embed`` runs.
 
@@ -1144,6 +1158,8 @@ def embed_to_file(
             except OSError:
                 pass  # no preprocessor config: the default one, at the frame size of the model once loaded
         fp = _fingerprint(paths, _model_id(model), processor, num_frames, fps, model_dtype, pooled, shard_size)
+        if apply_rotation:  # only when on, so that earlier runs' outputs keep their fingerprint
+            fp["apply_rotation"] = True
         fp_sha = _sha256(json.dumps(fp, sort_keys=True).encode())
         num_shards = math.ceil(len(paths) / shard_size)
         if dist.on_rank0(_prepare, layout, fp, fp_sha, num_shards, overwrite) == "complete":
@@ -1160,7 +1176,7 @@ def embed_to_file(
             _encode_shards(paths, todo, layout, model, processor, fp_sha, shard_size=shard_size,
                            num_frames=num_frames, fps=fps, batch_size=batch_size, num_workers=num_workers,
                            pooled=pooled, stats=stats, progress=progress if dist.rank == 0 else False,
-                           on_error=on_error, on_shard=on_shard)
+                           on_error=on_error, on_shard=on_shard, apply_rotation=apply_rotation)
         # Also the barrier: after it, every rank's shards are on disk.
         ranks = dist.gather((len(todo), len(mine) - len(todo), stats))
         summary = dist.on_rank0(merge_shards, out, keep_shards=keep_shards, errors=errors)
@@ -1173,12 +1189,13 @@ def embed_to_file(
 
 
 def _encode_shards(paths, todo, layout, model, processor, fp_sha, *, shard_size, num_frames, fps, batch_size,
-                   num_workers, pooled, stats, progress, on_error, on_shard) -> None:
+                   num_workers, pooled, stats, progress, on_error, on_shard, apply_rotation=False) -> None:
     """Encode the clips of shards ``todo``; write each shard as soon as its last clip is in."""
     dims = (model.config.text_config.hidden_size, model.config.video_config.hidden_size)
     order = [i for s in todo for i in range(s * shard_size, min((s + 1) * shard_size, len(paths)))]
     results = _run(paths, order, model, processor, num_frames=num_frames, fps=fps, batch_size=batch_size,
-                   num_workers=num_workers, pooled=pooled, stats=stats, progress=progress)
+                   num_workers=num_workers, pooled=pooled, stats=stats, progress=progress,
+                   apply_rotation=apply_rotation)
     buf: list[ClipResult] = []
     try:
         for r in results:

@@ -6,6 +6,16 @@ exact even when the container's header is missing or wrong, and frame ``i`` alwa
 a decoder shows. It then decodes only what the chosen frames need: it seeks to the keyframe before a
 frame when that skips work (MP4/MOV and Matroska/WebM, whose indexes make seeking exact), and stops
 after the last one. Frames are converted to RGB with the same swscale call transformers uses.
+
+Limits, so that one bad input cannot stall or swamp a run (each raises an error naming the file):
+
+* Only regular files are opened: a FIFO, device or socket could block forever.
+* Decoding one video may take at most ``time_limit`` seconds (default :data:`DEFAULT_TIME_LIMIT`, or
+  the ``PEVIDEO_DECODE_TIME_LIMIT`` environment variable), checked between packets and frames
+  (:class:`VideoTimeLimitError`).
+* At most ``max_frames`` frames per clip (default :data:`MAX_FRAMES`, or ``PEVIDEO_MAX_FRAMES``).
+* A truncated video is an error (:class:`TruncatedVideoError`), by the rule in
+  :func:`check_complete`, rather than a clip made of the part that survived.
 """
 from __future__ import annotations
 
@@ -13,12 +23,33 @@ import bisect
 import math
 import operator
 import os
+import stat
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-__all__ = ["load_video", "VideoMetadata"]
+__all__ = [
+    "load_video",
+    "VideoMetadata",
+    "TruncatedVideoError",
+    "VideoTimeLimitError",
+    "MAX_FRAMES",
+    "DEFAULT_TIME_LIMIT",
+]
+
+# Frames one clip may take unless raised explicitly (max_frames=, or PEVIDEO_MAX_FRAMES): each sampled
+# frame is held (at the model's size when resizing on decode) and encoded, so a typo like
+# num_frames=100000 should fail at once rather than after minutes and gigabytes.
+MAX_FRAMES = 512
+# Seconds one video may take to decode (time_limit=, or PEVIDEO_DECODE_TIME_LIMIT).
+DEFAULT_TIME_LIMIT = 600.0
+
+# A video is truncated when its decodable frames end before the end its header declares by more than
+# this share of the declared duration and more than this many frame intervals (see check_complete).
+_TRUNCATED_SHARE = 0.10
+_TRUNCATED_FRAMES = 2
 
 # Keys under which transformers' own ``VideoMetadata`` knows these values; the mapping view below
 # shows only these, so ``transformers.video_utils.VideoMetadata(**meta)`` accepts ours.
@@ -42,11 +73,15 @@ class VideoMetadata(Mapping):
             from its header).
         fps: the stream's average frame rate (as transformers reads it), or the rate the frame times
             imply when the container gives none; None if unknown.
-        width, height: frame size in pixels.
+        width, height: size in pixels of the decoded frames (after the rotation when it was
+            applied; before any resize on decode).
         duration: seconds from the first frame's start to the last frame's end.
         frames_indices: index (0 … total_num_frames − 1) of each returned frame, in order.
         timestamps: presentation time of each returned frame, in seconds from the first frame.
         declared_num_frames: the frame count the container header claims (0 when it gives none).
+        rotation: degrees (0, 90, 180 or 270) by which the video's display matrix says to rotate
+            the frames counterclockwise to show them upright (what ffprobe prints as "rotation of
+            −90 degrees" is 270 here); ``rotation_applied`` says whether the returned frames are.
         source: the file, as named in errors.
         video_backend: always ``"pyav"``.
 
@@ -63,6 +98,8 @@ class VideoMetadata(Mapping):
     frames_indices: list[int]
     timestamps: list[float] = field(default_factory=list)
     declared_num_frames: int = 0
+    rotation: int = 0
+    rotation_applied: bool = False
     source: str = ""
     video_backend: str = "pyav"
 
@@ -82,38 +119,71 @@ class VideoMetadata(Mapping):
         return f"VideoMetadata({vals})"
 
 
-class _SeekFailed(Exception):
-    """A seek did not land where the index said; decode from the start instead."""
+class TruncatedVideoError(ValueError):
+    """The file ends well before the duration or frame count its header declares (see :func:`check_complete`)."""
 
 
-def load_video(path_or_file, num_frames: int | None = None, fps: float | None = None):
+class VideoTimeLimitError(TimeoutError):
+    """Decoding one video took longer than its time limit."""
+
+
+def load_video(
+    path_or_file,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+    resample: str = "bilinear",
+    apply_rotation: bool = False,
+    max_frames: int | None = None,
+    time_limit: float | None = None,
+):
     """Decode a video into RGB frames.
 
     Args:
-        path_or_file: a path (str or ``os.PathLike``) or a binary file object opened for reading.
+        path_or_file: a path (str or ``os.PathLike``) to a regular file, or a binary file object
+            opened for reading.
         num_frames: take this many frames spread over the whole video, as transformers' PE Video
             processor samples: frame ``i`` is index ``int(i·(N−1)/(n−1))`` of the video's N frames
-            (n = 1 takes frame 0; n > N repeats frames, as the formula does).
+            (n = 1 takes frame 0; n > N repeats frames, as the formula does; a repeated frame is
+            decoded once).
         fps: take frames at this rate: at times k/fps (k = 0, 1, … while k/fps < duration, measured
             from the first frame) the frame on screen at that time, i.e. the last frame that starts
             at or before it. Above the video's own rate frames repeat. At least one frame.
         With neither, every frame is returned. Giving both is an error.
+        size: ``(height, width)``: resize each frame right after it is decoded (before the next is
+            held), with the processor's resize (:func:`pevideo.processing.resize_uint8`: antialiased
+            ``resample`` on uint8, as torchvision), so the result equals resizing the returned frames
+            with the processor; None keeps the decoded size.
+        resample: ``"bilinear"`` (PE Video's) or ``"bicubic"``, for ``size``.
+        apply_rotation: rotate frames upright by the video's display matrix (``metadata.rotation``).
+            Off by default, as transformers (upstream) decodes: frames come as stored.
+        max_frames: the most frames one clip may take (default :data:`MAX_FRAMES`, or the
+            ``PEVIDEO_MAX_FRAMES`` environment variable); more sampled frames is a ValueError.
+        time_limit: seconds the whole decode may take (default :data:`DEFAULT_TIME_LIMIT`, or
+            ``PEVIDEO_DECODE_TIME_LIMIT``; ``math.inf`` for none); past it, VideoTimeLimitError.
 
     Returns:
-        ``(frames, metadata)``: ``frames`` a uint8 numpy array (T, H, W, 3), RGB; ``metadata`` a
-        :class:`VideoMetadata` (source fps, frame count, duration, and the indices taken).
-        ``torch.from_numpy(frames)`` gives a tensor without a copy.
+        ``(frames, metadata)``: ``frames`` a uint8 numpy array (T, H, W, 3), RGB (H, W = ``size``
+        when given); ``metadata`` a :class:`VideoMetadata` (source fps, frame count, duration,
+        rotation, and the indices taken). ``torch.from_numpy(frames)`` gives a tensor without a copy.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: bad ``num_frames``/``fps``, or a file that is not a video, has no video stream or
-            no frames, or is damaged or truncated. Messages name the file.
+        TruncatedVideoError (a ValueError): the file is cut short (see :func:`check_complete`).
+        VideoTimeLimitError (a TimeoutError): decoding took longer than ``time_limit``.
+        ValueError: bad arguments, too many frames selected, a path that is not a regular file
+            (FIFO, device, ...), or a file that is not a video, has no video stream or no frames, or
+            is damaged. Messages name the file.
     """
     name = _source_name(path_or_file)
     n = _check_num_frames(num_frames, name)
     rate = _check_fps(fps, name)
     if n is not None and rate is not None:
         raise ValueError(f"{name}: give num_frames or fps, not both")
+    cap = frame_cap(max_frames)
+    if n is not None:
+        check_frame_cap(n, cap, name)
 
     def select(total, times, duration, src_fps):
         if n is not None:
@@ -122,8 +192,89 @@ def load_video(path_or_file, num_frames: int | None = None, fps: float | None = 
             return fps_indices(times, duration, rate)
         return list(range(total))
 
-    return _read_video(path_or_file, select)
+    return _read_video(path_or_file, select, size=size, resample=resample, apply_rotation=apply_rotation,
+                       max_frames=cap, time_limit=time_limit)
 
+
+# --------------------------------------------------------------------------------------------------
+# Limits
+# --------------------------------------------------------------------------------------------------
+def _env_number(var, default, kind):
+    raw = os.environ.get(var)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"{var} must be positive, got {raw!r}")
+    return value
+
+
+def frame_cap(max_frames: int | None = None) -> int:
+    """The most frames one clip may take: ``max_frames`` if given, else ``PEVIDEO_MAX_FRAMES``, else
+    :data:`MAX_FRAMES`."""
+    if max_frames is None:
+        return _env_number("PEVIDEO_MAX_FRAMES", MAX_FRAMES, int)
+    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+        raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
+    return max_frames
+
+
+def check_frame_cap(count: int, cap: int | None = None, name: str = "video") -> None:
+    """ValueError when ``count`` frames are more than the cap (:func:`frame_cap`)."""
+    cap = frame_cap() if cap is None else cap
+    if count > cap:
+        raise ValueError(
+            f"{name}: {count} frames per clip is above the limit of {cap}; sample fewer (num_frames / fps), "
+            "or raise the limit with max_frames= or the PEVIDEO_MAX_FRAMES environment variable"
+        )
+
+
+def _time_limit(time_limit) -> float:
+    if time_limit is None:
+        return _env_number("PEVIDEO_DECODE_TIME_LIMIT", DEFAULT_TIME_LIMIT, float)
+    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not time_limit > 0:
+        raise ValueError(f"time_limit must be a positive number of seconds (math.inf: none), got {time_limit!r}")
+    return float(time_limit)
+
+
+class _Deadline:
+    """Raises VideoTimeLimitError once ``limit`` seconds have passed since it was made."""
+
+    def __init__(self, limit: float, name: str):
+        self.limit, self.name = limit, name
+        self.end = time.monotonic() + limit if math.isfinite(limit) else math.inf
+
+    def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise VideoTimeLimitError(
+                f"{self.name}: decoding took longer than its time limit of {self.limit:g} s; the file may be "
+                "damaged or very long (raise the limit with time_limit= or PEVIDEO_DECODE_TIME_LIMIT)"
+            )
+
+
+def check_complete(name: str, declared_end: float | None, decoded_end: float, start: float, fps: float | None):
+    """Raise :class:`TruncatedVideoError` when the file is cut short.
+
+    The rule: where the header declares the video's length (the video stream's own duration, its
+    Matroska ``DURATION`` tag, or, for a file holding only this stream, the container's duration),
+    the decodable frames must reach its end, give or take 10% of the declared duration or two frame
+    intervals, whichever is more. Times are seconds on the stream's clock: ``start`` the first frame's
+    start, ``decoded_end`` the last decodable frame's end, ``declared_end`` start + declared duration.
+    """
+    if declared_end is None or not math.isfinite(declared_end):
+        return
+    declared = declared_end - start
+    if declared <= 0:
+        return
+    slack = max(_TRUNCATED_SHARE * declared, _TRUNCATED_FRAMES / fps if fps else 0.0)
+    if declared_end - decoded_end > slack:
+        raise TruncatedVideoError(
+            f"{name}: the file looks truncated: its header says the video lasts {declared:.3f} s but its "
+            f"frames end after {max(0.0, decoded_end - start):.3f} s"
+        )
 
 # --------------------------------------------------------------------------------------------------
 # Sampling rules
@@ -201,16 +352,28 @@ def _source_name(src) -> str:
     return str(name) if isinstance(name, (str, os.PathLike)) else f"<{type(src).__name__} object>"
 
 
+def _check_path(path: str) -> None:
+    """Refuse what is not a regular file before opening it: opening a FIFO waits for a writer, and
+    reading a device or socket may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"video file not found: {path}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{path} is a directory, not a video file")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise ValueError(f"{path} is {kind}, not a video file; only regular files are read")
+
+
 def _open(src, name):
     import av
 
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         if "://" not in path:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"video file not found: {path}")
-            if os.path.isdir(path):
-                raise ValueError(f"{path} is a directory, not a video file")
+            _check_path(path)
         target = path
     else:
         if not hasattr(src, "read"):
@@ -243,7 +406,7 @@ class _Index:
     declared: int  # what the header claims
 
 
-def _index_packets(container, stream, name) -> _Index:
+def _index_packets(container, stream, name, deadline) -> _Index:
     """Walk the video packets without decoding: frame count, presentation times, keyframes."""
     import av
 
@@ -252,6 +415,7 @@ def _index_packets(container, stream, name) -> _Index:
     packets = 0
     try:
         for pkt in container.demux(stream):
+            deadline.check()
             if pkt.size == 0:
                 continue  # the flush packet at the end
             packets += 1
@@ -262,7 +426,7 @@ def _index_packets(container, stream, name) -> _Index:
         raise ValueError(f"{name}: the file is damaged or truncated (reading packets failed: {exc})") from exc
     count = len(recs)
     if declared > 0 and packets < declared:
-        raise ValueError(
+        raise TruncatedVideoError(
             f"{name}: the file looks truncated: its header lists {declared} frames but only {packets} are in the file"
         )
     pts = [r[0] for r in recs]
@@ -285,24 +449,53 @@ def _rate(stream):
     return None
 
 
+def _parse_hms(text) -> float | None:
+    """Matroska's per-track ``DURATION`` tag, ``HH:MM:SS.nnnnnnnnn``, in seconds."""
+    try:
+        h, m, sec = str(text).strip().split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except ValueError:
+        return None
+
+
+def _declared_end(container, stream) -> float | None:
+    """Where the header says the video ends, in seconds on the stream's clock (None: it does not say).
+
+    The video stream's own duration, else its Matroska ``DURATION`` tag, else the container's
+    duration when the video is the file's only stream (otherwise that is the longest stream's)."""
+    tb = stream.time_base
+    start = float(stream.start_time * tb) if stream.start_time is not None and tb else None
+    if stream.duration and tb:
+        return (start or 0.0) + float(stream.duration * tb)
+    tag = _parse_hms(stream.metadata.get("DURATION")) if "DURATION" in stream.metadata else None
+    if tag:
+        return (start or 0.0) + tag
+    if len(container.streams) == 1 and container.duration:
+        c_start = container.start_time / 1e6 if container.start_time is not None else (start or 0.0)
+        return c_start + container.duration / 1e6
+    return None
+
+
 @dataclass
 class _Probe:
     index: _Index
     time_base: object  # fractions.Fraction
     fps: float | None
     seekable: bool
+    declared_end: float | None  # seconds on the stream's clock; see _declared_end
 
 
-def _probe(src, name) -> _Probe:
+def _probe(src, name, deadline) -> _Probe:
     container = _open(src, name)
     try:
         stream = _video_stream(container, name)
-        index = _index_packets(container, stream, name)
+        index = _index_packets(container, stream, name, deadline)
         if stream.time_base is None:
             index.pts = None  # timestamps without a unit: decode in order
         # Read everything needed now: a stream object is not usable once its container is closed.
         fmt = set((container.format.name or "").split(","))
-        return _Probe(index, stream.time_base, _rate(stream), bool(fmt & set(_SEEKABLE_FORMATS)))
+        return _Probe(index, stream.time_base, _rate(stream), bool(fmt & set(_SEEKABLE_FORMATS)),
+                      _declared_end(container, stream))
     finally:
         container.close()
 
@@ -312,51 +505,123 @@ class _Fallback(Exception):
     that decodes to nothing): decode in order and count frames as the decoder shows them."""
 
 
-def _read_video(src, select: Callable):
-    """Open, index, pick frames with ``select(total, times, duration, fps) -> indices``, decode them."""
+def _read_video(src, select: Callable, *, size=None, resample="bilinear", apply_rotation=False, max_frames=None,
+                time_limit=None):
+    """Open, index, pick frames with ``select(total, times, duration, fps) -> indices``, decode them.
+
+    Options as :func:`load_video`, except ``max_frames``: None means no cap here."""
     name = _source_name(src)
-    probe = _probe(src, name)
+    deadline = _Deadline(_time_limit(time_limit), name)
+    frames = _Frames(name, size, resample, bool(apply_rotation), max_frames)
+    probe = _probe(src, name, deadline)
     if probe.index.count == 0:
         raise ValueError(f"{name}: the video has no frames")
     if probe.index.pts is not None:
         for seek in ((True, False) if probe.seekable else (False,)):
             try:
-                return _read_by_pts(src, name, probe, select, seek)
+                return _read_by_pts(src, name, probe, select, seek, frames.reset(), deadline)
             except _Fallback:
                 continue
-    return _read_in_order(src, name, probe, select)
+    return _read_in_order(src, name, probe, select, frames.reset(), deadline)
 
 
-def _checked(indices, total, name):
-    out = [int(i) for i in indices]
-    if not out:
-        raise ValueError(f"{name}: no frames selected")
-    bad = [i for i in out if not 0 <= i < total]
-    if bad:
-        raise ValueError(f"{name}: frame indices {bad[:5]} are outside the video's {total} frames")
-    return out
+def _rotation(frame) -> int:
+    """Counterclockwise degrees the frame's display matrix asks for, in [0, 360)."""
+    return int(round(getattr(frame, "rotation", 0) or 0)) % 360
 
 
-def _to_rgb(frame, size):
-    if size is not None and (frame.height, frame.width) != size:
-        # The stream changed size mid-way: bring the frame to the first returned frame's size.
-        frame = frame.reformat(width=size[1], height=size[0])
-    return frame.to_ndarray(format="rgb24")
+class _Frames:
+    """The decoded frames kept, keyed by frame: converted to RGB, rotated and resized as each comes out
+    of the decoder, so only the kept frames, at their final size, are ever held."""
+
+    def __init__(self, name, size, resample, apply_rotation, max_frames):
+        self.name, self.apply_rotation, self.max_frames = name, apply_rotation, max_frames
+        self.size = None if size is None else _size_hw(size)
+        if resample not in ("bilinear", "bicubic"):
+            raise ValueError(f"resample must be 'bilinear' or 'bicubic', got {resample!r}")
+        self.resample = resample
+
+    def reset(self) -> "_Frames":
+        self.got, self.src_size, self.rotation, self.shown = {}, None, 0, None
+        return self
+
+    def check_count(self, indices, total):
+        out = [int(i) for i in indices]
+        if not out:
+            raise ValueError(f"{self.name}: no frames selected")
+        bad = [i for i in out if not 0 <= i < total]
+        if bad:
+            raise ValueError(f"{self.name}: frame indices {bad[:5]} are outside the video's {total} frames")
+        if self.max_frames is not None:
+            check_frame_cap(len(out), self.max_frames, self.name)
+        return out
+
+    def take(self, key, frame) -> None:
+        if self.src_size is None:
+            self.src_size, self.rotation = (frame.height, frame.width), _rotation(frame)
+            if self.apply_rotation and self.rotation % 90:
+                raise ValueError(f"{self.name}: its rotation of {self.rotation} degrees is not a multiple of 90; "
+                                 "it cannot be applied (decode with apply_rotation=False)")
+        elif (frame.height, frame.width) != self.src_size:
+            # The stream changed size mid-way: bring the frame to the first kept frame's size.
+            frame = frame.reformat(width=self.src_size[1], height=self.src_size[0])
+        arr = frame.to_ndarray(format="rgb24")
+        if self.apply_rotation and self.rotation:
+            arr = np.ascontiguousarray(np.rot90(arr, self.rotation // 90))  # counterclockwise, as np.rot90
+        if self.shown is None:
+            self.shown = arr.shape[:2]
+        if self.size is not None:
+            arr = _resize(arr, self.size, self.resample)
+        self.got[key] = arr
+
+    def assemble(self, indices, key_of) -> np.ndarray:
+        first = self.got[key_of(indices[0])]
+        out = np.empty((len(indices), *first.shape), dtype=np.uint8)
+        for pos, i in enumerate(indices):
+            out[pos] = self.got[key_of(i)]  # a repeated index is one decoded frame, copied
+        return out
+
+    def metadata(self, frames_indices, times, total, fps, duration, declared) -> VideoMetadata:
+        return VideoMetadata(
+            total_num_frames=total,
+            fps=fps,
+            width=int(self.shown[1]),
+            height=int(self.shown[0]),
+            duration=duration,
+            frames_indices=frames_indices,
+            timestamps=[times[i] for i in frames_indices],
+            declared_num_frames=declared,
+            rotation=self.rotation,
+            rotation_applied=self.apply_rotation and self.rotation != 0,
+            source=self.name,
+        )
 
 
-def _assemble(indices, got, key_of):
-    first = got[key_of(indices[0])]
-    out = np.empty((len(indices), *first.shape), dtype=np.uint8)
-    for pos, i in enumerate(indices):
-        out[pos] = got[key_of(i)]
-    return out
+def _size_hw(size) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be (height, width), got {size!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"size must be positive, got {h}x{w}")
+    return h, w
+
+
+def _resize(arr: np.ndarray, size, mode) -> np.ndarray:
+    """One (H, W, 3) uint8 frame resized by the processor's resize (the same op, the same values)."""
+    import torch
+
+    from .processing import resize_uint8  # here: processing imports this module
+
+    frame = torch.from_numpy(arr).permute(2, 0, 1)[None]  # (1, 3, H, W), as the processor views clips
+    return resize_uint8(frame, size, mode)[0].permute(1, 2, 0).numpy()
 
 
 def _decode_error(name, exc):
     return ValueError(f"{name}: decoding failed ({type(exc).__name__}: {exc}); the file may be damaged or truncated")
 
 
-def _read_by_pts(src, name, probe, select, seek):
+def _read_by_pts(src, name, probe, select, seek, kept, deadline):
     import av
 
     index, tb = probe.index, probe.time_base
@@ -368,12 +633,11 @@ def _read_by_pts(src, name, probe, select, seek):
     last = index.durations[-1]
     last_s = float(last * tb) if last > 0 else (1.0 / fps if fps else 0.0)
     duration = times[-1] + last_s
-    indices = _checked(select(index.count, times, duration, fps), index.count, name)
+    check_complete(name, probe.declared_end, float(t0 * tb) + duration, float(t0 * tb), fps)
+    indices = kept.check_count(select(index.count, times, duration, fps), index.count)
 
     targets = sorted({index.pts[i] for i in indices})
     keyframes = index.keyframes
-    got: dict[int, np.ndarray] = {}
-    size = None
     container = _open(src, name)
     try:
         stream = container.streams.video[0]
@@ -396,6 +660,7 @@ def _read_by_pts(src, name, probe, select, seek):
             elif frames_iter is None:
                 frames_iter = container.decode(stream)
             for frame in frames_iter:
+                deadline.check()
                 if frame.pts is None:
                     raise _Fallback
                 if expect is not None and frame.pts != expect:
@@ -405,9 +670,7 @@ def _read_by_pts(src, name, probe, select, seek):
                     raise _Fallback
                 next_pos = position[frame.pts] + 1
                 if frame.pts == t:
-                    arr = _to_rgb(frame, size)
-                    size = size or arr.shape[:2]
-                    got[t] = arr
+                    kept.take(t, frame)
                     break
                 if frame.pts > t:
                     raise _Fallback  # the target never came out of the decoder
@@ -418,22 +681,11 @@ def _read_by_pts(src, name, probe, select, seek):
     finally:
         container.close()
 
-    frames = _assemble(indices, got, lambda i: index.pts[i])
-    meta = VideoMetadata(
-        total_num_frames=index.count,
-        fps=fps,
-        width=int(frames.shape[2]),
-        height=int(frames.shape[1]),
-        duration=duration,
-        frames_indices=indices,
-        timestamps=[times[i] for i in indices],
-        declared_num_frames=index.declared,
-        source=name,
-    )
-    return frames, meta
+    frames = kept.assemble(indices, lambda i: index.pts[i])
+    return frames, kept.metadata(indices, times, index.count, fps, duration, index.declared)
 
 
-def _read_in_order(src, name, probe, select):
+def _read_in_order(src, name, probe, select, kept, deadline):
     """Frame i is the i-th frame the decoder shows: count them in a first pass, collect in a second."""
     import av
 
@@ -442,6 +694,7 @@ def _read_in_order(src, name, probe, select):
     try:
         stream = container.streams.video[0]
         for frame in container.decode(stream):
+            deadline.check()
             stamps.append(frame.time)
     except av.error.FFmpegError as exc:
         raise _decode_error(name, exc) from exc
@@ -460,41 +713,30 @@ def _read_in_order(src, name, probe, select):
     else:
         times = None
     duration = (times[-1] + (1.0 / fps if fps else 0.0)) if times is not None else None
+    if duration is not None and stamps[0] is not None:
+        check_complete(name, probe.declared_end, stamps[0] + duration, stamps[0], fps)
     if times is None:
         times = [0.0] * total  # only fps sampling needs times, and it cannot work without a rate
 
-    indices = _checked(select(total, times, duration, fps), total, name)
+    indices = kept.check_count(select(total, times, duration, fps), total)
     wanted = set(indices)
     stop = max(wanted)
-    got: dict[int, np.ndarray] = {}
-    size = None
     container = _open(src, name)
     try:
         stream = container.streams.video[0]
         for i, frame in enumerate(container.decode(stream)):
+            deadline.check()
             if i in wanted:
-                arr = _to_rgb(frame, size)
-                size = size or arr.shape[:2]
-                got[i] = arr
+                kept.take(i, frame)
             if i >= stop:
                 break
     except av.error.FFmpegError as exc:
         raise _decode_error(name, exc) from exc
     finally:
         container.close()
-    if len(got) != len(wanted):
-        raise ValueError(f"{name}: the video changed between two reads (frames {sorted(wanted - set(got))[:5]} missing)")
+    if len(kept.got) != len(wanted):
+        missing = sorted(wanted - set(kept.got))[:5]
+        raise ValueError(f"{name}: the video changed between two reads (frames {missing} missing)")
 
-    frames = _assemble(indices, got, lambda i: i)
-    meta = VideoMetadata(
-        total_num_frames=total,
-        fps=fps,
-        width=int(frames.shape[2]),
-        height=int(frames.shape[1]),
-        duration=duration,
-        frames_indices=indices,
-        timestamps=[times[i] for i in indices],
-        declared_num_frames=probe.index.declared,
-        source=name,
-    )
-    return frames, meta
+    frames = kept.assemble(indices, lambda i: i)
+    return frames, kept.metadata(indices, times, total, fps, duration, probe.index.declared)
