@@ -240,15 +240,18 @@ def _time_limit(time_limit) -> float:
     return float(time_limit)
 
 
+_clock = time.monotonic  # a name of its own, for tests
+
+
 class _Deadline:
     """Raises VideoTimeLimitError once ``limit`` seconds have passed since it was made."""
 
     def __init__(self, limit: float, name: str):
         self.limit, self.name = limit, name
-        self.end = time.monotonic() + limit if math.isfinite(limit) else math.inf
+        self.end = _clock() + limit if math.isfinite(limit) else math.inf
 
     def check(self) -> None:
-        if time.monotonic() > self.end:
+        if _clock() > self.end:
             raise VideoTimeLimitError(
                 f"{self.name}: decoding took longer than its time limit of {self.limit:g} s; the file may be "
                 "damaged or very long (raise the limit with time_limit= or PEVIDEO_DECODE_TIME_LIMIT)"

@@ -6,8 +6,12 @@ import os
 import numpy as np
 
 
-def write_video(path, n_frames: int, height: int = 48, width: int = 64, codec: str = "h264", rate: int = 25, seed: int = 0):
-    """``n_frames`` frames of smooth moving color (so that clips differ and compress well)."""
+def write_video(path, n_frames: int, height: int = 48, width: int = 64, codec: str = "h264", rate: int = 25, seed: int = 0,
+                rotation: int | None = None):
+    """``n_frames`` frames of smooth moving color (so that clips differ and compress well).
+
+    ``rotation``: a display matrix asking players to rotate the frames by this many degrees
+    counterclockwise (what PyAV's ``VideoFrame.rotation`` reads back)."""
     import av
 
     rng = np.random.default_rng(seed)
@@ -17,6 +21,8 @@ def write_video(path, n_frames: int, height: int = 48, width: int = 64, codec: s
         s = c.add_stream(codec, rate=rate)
         s.width, s.height, s.pix_fmt = width, height, "yuv420p"
         s.codec_context.gop_size = 4
+        if rotation is not None:
+            s.set_display_rotation(rotation)
         for i in range(n_frames):
             img = np.stack([127 + 100 * np.sin(xx / (7 + k) + yy / (9 + k) + 0.5 * i + phase[k]) for k in range(3)], -1)
             frame = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
@@ -35,6 +41,15 @@ def write_corrupt(path, like: str | None = None) -> str:
             data = f.read()[:200]
     with open(path, "wb") as f:
         f.write(data)
+    return os.fspath(path)
+
+
+def write_truncated(path, like: str, keep: float) -> str:
+    """The first ``keep`` share of the bytes of the video ``like``: a download or copy cut short."""
+    with open(like, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
     return os.fspath(path)
 
 
