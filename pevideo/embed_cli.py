@@ -31,7 +31,9 @@ exit status: 0 all done, 1 some videos failed (see the errors file), 2 usage err
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face Hub id")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--num-frames", type=int, default=None, help="frames sampled per clip, spread over the video (default 16; at most 512 unless PEVIDEO_MAX_FRAMES raises it)")
+    g.add_argument("--num-frames", type=int, default=None,
+                   help="frames sampled per clip, spread over the video (default 16; at most 512, "
+                   "unless the PEVIDEO_MAX_FRAMES environment variable raises it)")
     g.add_argument("--fps", type=float, default=None, help="sample frames at this rate instead (clips then differ in length)")
     p.add_argument("--batch-size", type=int, default=8, help="clips per encoder call (default 8)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the CPUs per rank - 1, at most 16; 0 = decode inline)")

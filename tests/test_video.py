@@ -17,6 +17,7 @@ av = pytest.importorskip("av")
 from _media import write_truncated  # noqa: E402
 from _media import write_video as write_textured  # noqa: E402
 
+from pevideo import _decode as D  # noqa: E402
 from pevideo import video as V  # noqa: E402
 from pevideo.video import VideoMetadata, load_video  # noqa: E402
 
@@ -153,8 +154,8 @@ class _Counting:
 @pytest.mark.parametrize("fmt", ["mp4", "mkv"])
 def test_decodes_only_what_is_needed(videos, fmt, monkeypatch):
     stats = {"seeks": 0, "decoded": 0}
-    real_open = V._open
-    monkeypatch.setattr(V, "_open", lambda src, name: _Counting(real_open(src, name), stats))
+    real_open = D._open
+    monkeypatch.setattr(D, "_open", lambda src, name: _Counting(real_open(src, name), stats))
     frames, meta = load_video(videos[fmt], num_frames=2)  # frames 0 and 23; keyframes every 8
     assert levels(frames) == [0, N - 1]
     assert stats["seeks"] == 1 and stats["decoded"] <= 9  # frame 0, then the last GOP (16..23)
@@ -166,14 +167,14 @@ def test_decodes_only_what_is_needed(videos, fmt, monkeypatch):
 def test_decoding_in_order_gives_the_same_frames(videos, monkeypatch):
     # Streams without usable timestamps are decoded in order, frames counted as the decoder shows them.
     want, want_meta = load_video(videos["mp4"], num_frames=6)
-    real_index = V._index_packets
+    real_index = D._index_packets
 
     def no_pts(*args):
         idx = real_index(*args)
         idx.pts = None
         return idx
 
-    monkeypatch.setattr(V, "_index_packets", no_pts)
+    monkeypatch.setattr(D, "_index_packets", no_pts)
     got, meta = load_video(videos["mp4"], num_frames=6)
     assert np.array_equal(got, want) and meta.frames_indices == want_meta.frames_indices
     assert meta.total_num_frames == N
@@ -289,14 +290,14 @@ def test_truncated_when_decoded_in_order(tmp_path, monkeypatch):
     # The same rule holds on the path that decodes in order (streams without usable timestamps).
     full = write_textured(tmp_path / "full.mkv", 60)
     cut = write_truncated(tmp_path / "cut.mkv", full, 0.5)
-    real_index = V._index_packets
+    real_index = D._index_packets
 
     def no_pts(*args):
         idx = real_index(*args)
         idx.pts = None
         return idx
 
-    monkeypatch.setattr(V, "_index_packets", no_pts)
+    monkeypatch.setattr(D, "_index_packets", no_pts)
     assert load_video(full, num_frames=3)[1].total_num_frames == 60
     with pytest.raises(V.TruncatedVideoError, match="cut.mkv"):
         load_video(cut, num_frames=3)
@@ -394,8 +395,8 @@ def test_time_limit(videos, monkeypatch):
 def test_time_limit_is_checked_while_decoding(videos, monkeypatch):
     # Not only before starting: a decode that runs long stops between frames.
     clock = {"t": 0.0}
-    monkeypatch.setattr(V, "_clock", lambda: clock["t"])
-    real_open = V._open
+    monkeypatch.setattr(D, "_clock", lambda: clock["t"])
+    real_open = D._open
 
     class Slow(_Counting):
         def decode(self, *args, **kwargs):
@@ -403,7 +404,7 @@ def test_time_limit_is_checked_while_decoding(videos, monkeypatch):
                 clock["t"] += 1.0  # each frame takes "a second"
                 yield frame
 
-    monkeypatch.setattr(V, "_open", lambda src, name: Slow(real_open(src, name), {"seeks": 0}))
+    monkeypatch.setattr(D, "_open", lambda src, name: Slow(real_open(src, name), {"seeks": 0}))
     assert load_video(videos["ts"], num_frames=2, time_limit=100)[1].frames_indices == [0, N - 1]
     clock["t"] = 0.0
     with pytest.raises(V.VideoTimeLimitError):
@@ -439,11 +440,11 @@ def test_pipeline_refuses_too_many_frames_at_once(tmp_path):
 
 def test_repeated_frames_are_decoded_once(videos, monkeypatch):
     stats = {"seeks": 0, "decoded": 0}
-    real_open = V._open
-    monkeypatch.setattr(V, "_open", lambda src, name: _Counting(real_open(src, name), stats))
+    real_open = D._open
+    monkeypatch.setattr(D, "_open", lambda src, name: _Counting(real_open(src, name), stats))
     calls = []
-    real_take = V._Frames.take
-    monkeypatch.setattr(V._Frames, "take", lambda self, key, frame: (calls.append(key), real_take(self, key, frame)))
+    real_take = D._Frames.take
+    monkeypatch.setattr(D._Frames, "take", lambda self, key, frame: (calls.append(key), real_take(self, key, frame)))
     frames, meta = load_video(videos["mp4"], num_frames=100)  # 24 frames, each about 4 times
     assert levels(frames) == V.uniform_indices(N, 100)
     assert len(calls) == N and stats["decoded"] <= N
@@ -474,7 +475,7 @@ def test_resize_on_decode_equals_the_processors_resize(tmp_path, fmt, size, resa
 def test_frames_are_resized_as_they_are_decoded(videos, monkeypatch):
     # Decode, resize, decode, resize, ...: never two full-size frames held.
     events = []
-    real_open, real_resize = V._open, V._resize
+    real_open, real_resize = D._open, D._resize
 
     class Logging(_Counting):
         def decode(self, *args, **kwargs):
@@ -486,8 +487,8 @@ def test_frames_are_resized_as_they_are_decoded(videos, monkeypatch):
         events.append("resize")
         return real_resize(arr, size, mode)
 
-    monkeypatch.setattr(V, "_open", lambda src, name: Logging(real_open(src, name), {"seeks": 0}))
-    monkeypatch.setattr(V, "_resize", resize)
+    monkeypatch.setattr(D, "_open", lambda src, name: Logging(real_open(src, name), {"seeks": 0}))
+    monkeypatch.setattr(D, "_resize", resize)
     frames, _ = load_video(videos["mkv"], size=(8, 8))
     assert frames.shape == (N, 8, 8, 3)
     assert events == ["decode", "resize"] * N
@@ -595,8 +596,8 @@ def test_pipeline_fails_bad_clips_and_resizes_on_decode(model_and_processor, tmp
     fifo = tmp_path / "fifo.mp4"
     os.mkfifo(fifo)
     resized = []
-    real_resize = V._resize
-    monkeypatch.setattr(V, "_resize", lambda arr, size, mode: (resized.append(size), real_resize(arr, size, mode))[1])
+    real_resize = D._resize
+    monkeypatch.setattr(D, "_resize", lambda arr, size, mode: (resized.append(size), real_resize(arr, size, mode))[1])
     results = list(pevideo.embed_videos([good, cut, fifo], model, processor=proc, num_frames=4, num_workers=0))
     assert [r.ok for r in results] == [True, False, False]
     assert "cut.mkv: the file looks truncated" in results[1].error
