@@ -164,17 +164,20 @@ def _declared_end(container, stream) -> float | None:
     """Where the header says the video ends, in seconds on the stream's clock (None: it does not say).
 
     The video stream's own duration, else its Matroska ``DURATION`` tag, else the container's
-    duration when the video is the file's only stream (otherwise that is the longest stream's)."""
+    duration when the video is the file's only stream (otherwise that is the longest stream's).
+    Matroska's durations count from time 0, the others from the stream's start: for those two, the
+    earlier of both readings is taken, so that a stream starting late is never taken for a cut one."""
     tb = stream.time_base
-    start = float(stream.start_time * tb) if stream.start_time is not None and tb else None
+    start = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
     if stream.duration and tb:
-        return (start or 0.0) + float(stream.duration * tb)
+        return start + float(stream.duration * tb)
     tag = _parse_hms(stream.metadata.get("DURATION")) if "DURATION" in stream.metadata else None
     if tag:
-        return (start or 0.0) + tag
+        return min(start + tag, max(start, tag))
     if len(container.streams) == 1 and container.duration:
-        c_start = container.start_time / 1e6 if container.start_time is not None else (start or 0.0)
-        return c_start + container.duration / 1e6
+        c_start = container.start_time / 1e6 if container.start_time is not None else start
+        length = container.duration / 1e6
+        return min(c_start + length, max(c_start, length))
     return None
 
 

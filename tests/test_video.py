@@ -303,6 +303,19 @@ def test_truncated_when_decoded_in_order(tmp_path, monkeypatch):
         load_video(cut, num_frames=3)
 
 
+@pytest.mark.parametrize("fmt,ext", [("matroska", "mkv"), ("mp4", "mp4")])
+def test_late_start_is_not_truncation(tmp_path, fmt, ext):
+    # Matroska's durations count from time 0, MP4's from the stream's start: a video starting at 2 s
+    # is complete either way, and a cut one is still found.
+    times = [2000 + 40 * i for i in range(N)]
+    path = write_video(tmp_path / f"late.{ext}", fmt=fmt, times_ms=times)
+    frames, meta = load_video(path, num_frames=3)
+    assert levels(frames) == [0, 11, 23] and meta.timestamps[-1] == pytest.approx(0.92)
+    if ext == "mkv":
+        with pytest.raises(V.TruncatedVideoError, match="0.960 s"):
+            load_video(write_truncated(tmp_path / "cut.mkv", path, 0.8))
+
+
 def test_truncation_rule():
     # Missing more than max(10% of the declared duration, 2 frame intervals) at the end is truncated.
     ok = dict(name="v", start=1.0, fps=25.0)
