@@ -145,7 +145,7 @@ def rope3d_freqs(head_dim, sections=(0.25, 0.375, 0.375), theta=10000.0):
 
 
 def case_frames(n_frames, device, dtype, grid=24, heads=16, head_dim=64):
-    from pevideo_kernels import pe_core_rope_2d
+    from pevideo.rope import pe_core_rope_2d
 
     coords, freqs = pe_core_rope_2d(grid, grid, head_dim, device=device)
     per = coords.shape[0]
@@ -159,7 +159,7 @@ def case_frames(n_frames, device, dtype, grid=24, heads=16, head_dim=64):
 
 
 def case_temporal(device, dtype, clips=64, max_len=17, heads=14, head_dim=128):
-    from pevideo_kernels import rope_1d
+    from pevideo.rope import rope_1d
 
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(1, max_len + 1, (clips,), generator=g)

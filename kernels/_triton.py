@@ -20,7 +20,7 @@ except Exception as exc:  # ImportError, or a broken install raising anything el
     HAS_TRITON = False
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "interpreting", "device_reason", "grad_reason"]
+__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "interpreting", "device_reason", "grad_reason", "runtime_reason", "register_op", "LAUNCH"]
 
 
 # Triton decides at @triton.jit time whether a kernel is interpreted, so read the switch once, at import,
@@ -59,3 +59,51 @@ def grad_reason(*tensors: torch.Tensor | None) -> str | None:
     if any(t is not None and t.requires_grad for t in tensors):
         return "inputs require grad and the kernel is forward-only (autograd runs through the reference)"
     return None
+
+
+def runtime_reason(kernel_missing: str | None, tensors, grad_tensors) -> str | None:
+    """An op's reason not to run its kernel on (checked) arguments: the device, autograd, or no kernel.
+
+    ``kernel_missing`` is why the op's Triton module did not import (None when it did); ``tensors`` are
+    all tensor arguments (None allowed), ``grad_tensors`` those autograd could flow through.
+    """
+    reason = device_reason(*tensors)
+    if reason is None:
+        reason = grad_reason(*grad_tensors)
+    if reason is None and kernel_missing is not None:
+        reason = f"the Triton kernel could not be built ({kernel_missing})"
+    return reason
+
+
+def register_op(qualname: str, launcher, fake=None):
+    """``launcher`` registered as ``torch.ops.<qualname>`` (what callers should run), else ``launcher``.
+
+    Registered with ``torch.library.triton_op``, so ``torch.compile`` traces the launch. Under
+    TRITON_INTERPRET with a ``fake`` (shape-only) given, an opaque ``custom_op`` instead: interpreted
+    kernels can't be traced (wrap_triton would run them on fake tensors). Where the name is taken
+    already -- by a second copy of this package, e.g. ``kernels/`` imported as ``kernels`` from a source
+    checkout (transformers probes for a ``kernels`` package) -- the op would run the other copy's
+    launcher, so this copy calls its own launcher directly.
+    """
+    ns, name = qualname.split("::")
+    if hasattr(getattr(torch.ops, ns), name):
+        return launcher
+    try:
+        if fake is None or not interpreting():
+            return torch.library.triton_op(qualname, launcher, mutates_args=())
+        op = torch.library.custom_op(qualname, launcher, mutates_args=())
+        op.register_fake(fake)
+        return op
+    except Exception:  # noqa: BLE001  a torch that can't register it: launch directly
+        return launcher
+
+
+class _LaunchHooks:
+    """Launcher switches for tests; set them only through :mod:`pevideo_kernels.testing`."""
+
+    poison: bool = False  # fill outputs with NaN before each launch, so unwritten elements show up
+    # rope_attention's (BLOCK_M, BLOCK_N) under TRITON_INTERPRET, where autotuning is far too slow
+    interpret_blocks: tuple[int, int] = (64, 64)
+
+
+LAUNCH = _LaunchHooks()

@@ -1,26 +1,49 @@
 """Frames to normalized patch rows, ready for the patch-embedding GEMM.
 
 One memory-bound pass: read uint8 (or float) frames in any layout, rescale and normalize per channel,
-write (frame, patch, (c, kh, kw)) rows in the model's dtype. ``patchify_normalize_ref`` is the plain
-PyTorch definition beside the kernel; the op is registered as ``torch.ops.pevideo.patchify_normalize``
-(``torch.library.triton_op``) so ``torch.compile`` sees it as one opaque kernel.
+write (frame, patch, (c, kh, kw)) rows in the model's dtype.
+
+The op's interface (:data:`PATCHIFY`, all taking :func:`patchify_normalize`'s arguments):
+``patchify_check_args`` (ValueError on bad arguments, frame_index values included),
+``patchify_unsupported_reason`` (None if the kernel can serve them), ``patchify_normalize_fused``
+(the Triton kernel, in ``_patchify_triton``, registered as ``torch.ops.pevideo.patchify_normalize``)
+and ``patchify_normalize_ref`` (the plain PyTorch definition beside it).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
-from ._triton import HAS_TRITON, device_reason, grad_reason, interpreting
+from ._choose import KernelOp, run
+from ._triton import runtime_reason
 
-__all__ = ["patchify_normalize", "patchify_normalize_ref", "patchify_unsupported_reason"]
+try:  # the one guarded import of the Triton side: without Triton every call runs the reference
+    from ._patchify_triton import patchify_normalize_op
+    KERNEL_MISSING: str | None = None
+except Exception as exc:  # noqa: BLE001  ImportError, or a Triton/torch this kernel can't be defined with
+    patchify_normalize_op = None
+    KERNEL_MISSING = f"{type(exc).__name__}: {exc}"
+
+__all__ = [
+    "patchify_normalize",
+    "patchify_normalize_ref",
+    "patchify_normalize_fused",
+    "patchify_check_args",
+    "patchify_unsupported_reason",
+    "PATCHIFY",
+    "KERNEL_MISSING",
+]
 
 _FLOAT_IN = (torch.float16, torch.bfloat16, torch.float32)
 _OUT = (torch.float16, torch.bfloat16, torch.float32)
+_HAS_KERNEL = KERNEL_MISSING is None  # (read by bench/bench_video_input.py; use KERNEL_MISSING)
 
 
-def _check_args(frames, patch_size, mean, std, rescale, out_dtype, frame_index):
+def patchify_check_args(
+    frames, patch_size, mean=None, std=None, rescale=1 / 255, out_dtype=None, frame_index=None
+) -> None:
+    """Raise ValueError for arguments :func:`patchify_normalize` (kernel or reference) does not take."""
     if not isinstance(frames, torch.Tensor):
         raise ValueError(f"frames must be a tensor, got {type(frames).__name__}")
     if not isinstance(patch_size, int) or patch_size < 1:
@@ -52,6 +75,7 @@ def _check_args(frames, patch_size, mean, std, rescale, out_dtype, frame_index):
             raise ValueError("frame_index must be a 1-D int32/int64 tensor of frame indices")
         if frame_index.device != frames.device:
             raise ValueError(f"frame_index is on {frame_index.device} but frames are on {frames.device}")
+        _check_index_values(frames, frame_index)
 
 
 def _channel_values(vals):
@@ -85,6 +109,18 @@ def _check_rescale(rescale):
         raise ValueError(f"rescale must be a finite non-zero number, got {rescale!r}")
 
 
+def _check_index_values(frames, frame_index):
+    n = frames.shape[0]
+    if frame_index.numel() == 0:
+        return
+    if frame_index.device.type == "cpu":
+        lo, hi = int(frame_index.min()), int(frame_index.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"frame_index values must be in [0, {n}); got values in [{lo}, {hi}]")
+    else:  # no host sync on the GPU: a device-side assert instead of reading out of bounds
+        torch._assert_async(((frame_index >= 0) & (frame_index < n)).all(), f"frame_index values must be in [0, {n})")
+
+
 def patchify_normalize_ref(
     frames: torch.Tensor,
     patch_size: int,
@@ -111,151 +147,30 @@ def patchify_normalize_ref(
     return x.reshape(n, (h // p) * (w // p), c * p * p).to(out_dtype or torch.float32)
 
 
-def patchify_unsupported_reason(frames, frame_index=None):
+def patchify_unsupported_reason(frames, frame_index=None) -> str | None:
     """None if the Triton kernel can serve these (already checked) arguments, else a readable reason."""
-    reason = device_reason(frames, frame_index)
-    if reason is None:
-        reason = grad_reason(frames)
-    if reason is None and not _HAS_KERNEL:
-        reason = "the Triton kernel is not built in this version"
-    return reason
+    return runtime_reason(KERNEL_MISSING, (frames, frame_index), (frames,))
 
 
-# --------------------------------------------------------------------------------------------------
-# Triton kernel
-# --------------------------------------------------------------------------------------------------
-_HAS_KERNEL = False
-
-if HAS_TRITON and hasattr(torch.library, "triton_op"):
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-
-    # (BLOCK, num_warps) autotuned on CUDA; tests/_build_for_gpu.py compiles each for Hopper.
-    _CUDA_CONFIGS = [(block, warps) for block in (1024, 2048, 4096) for warps in (4, 8)]
-    if interpreting():
-        # One fixed config: the interpreter runs programs one by one on the CPU, and BLOCK below the
-        # 28x42 / p=14 test row (1764 elements) makes the tests cover the chunk mask.
-        _CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4)]
-    else:
-        _CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in _CUDA_CONFIGS]
-
-    @triton.autotune(configs=_CONFIGS, key=["P", "ROW"])
-    @triton.jit
-    def _patchify_kernel(
-        x_ptr, idx_ptr, out_ptr,
-        s_n, s_c, s_h, s_w,  # element strides of the (frame, channel, row, column) axes
-        ROW, GH,  # output elements per patch row (GW·3·P·P); patch rows per frame
-        scale, sh0, sh1, sh2, dv0, dv1, dv2,
-        P: tl.constexpr, HAS_INDEX: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        # One program writes BLOCK consecutive outputs of one (frame, patch row). A patch row's output is
-        # one contiguous run of ROW elements, so stores are wide and coalesced; the loads gather from
-        # the input (a few rows of it, which stay in cache) in whatever layout it has.
-        row = tl.program_id(0)
-        f = row // GH
-        gh = row - f * GH
-        if HAS_INDEX:
-            src = tl.load(idx_ptr + f).to(tl.int64)
-        else:
-            src = f.to(tl.int64)
-        o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = o < ROW
-        PP: tl.constexpr = P * P
-        gw = o // (3 * PP)  # features of a patch are ordered (c, kh, kw), patches along the row by gw
-        r = o - gw * (3 * PP)
-        c = r // PP
-        r = r - c * PP
-        kh = r // P
-        kw = r - kh * P
-        offs = c * s_c + (gh * P + kh) * s_h + (gw * P + kw) * s_w
-        x = tl.load(x_ptr + src * s_n + offs, mask=mask, other=0).to(tl.float32)
-        if NORMALIZE:
-            shift = tl.where(c == 0, sh0, tl.where(c == 1, sh1, sh2))
-            div = tl.where(c == 0, dv0, tl.where(c == 1, dv1, dv2))
-            # IEEE division (not the approximate one '/' compiles to) so values match PyTorch bit for bit.
-            y = tl.math.div_rn(x - shift, div)
-        else:
-            y = x * scale
-        tl.store(out_ptr + row.to(tl.int64) * ROW + o, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-    def _launch(frames, frame_index, patch_size, scale, shift, div, normalize, out):
-        """Run the kernel into ``out`` (F, L, 3·p·p), which it overwrites completely. Used by the op and tests."""
-        p = patch_size
-        if frames.dtype == torch.uint8:  # (N, H, W, 3)
-            s_n, s_h, s_w, s_c = frames.stride()
-            h, w = frames.shape[1], frames.shape[2]
-        else:  # (N, 3, H, W)
-            s_n, s_c, s_h, s_w = frames.stride()
-            h, w = frames.shape[2], frames.shape[3]
-        gh, gw = h // p, w // p
-        n_out = out.shape[0]
-        row = gw * 3 * p * p
-        if n_out == 0 or row == 0 or gh == 0:
-            return out
-        idx = frame_index if frame_index is not None else frames  # any pointer; unused without an index
-        sh = shift if normalize else (0.0, 0.0, 0.0)
-        dv = div if normalize else (1.0, 1.0, 1.0)
-
-        def grid(meta):
-            return (n_out * gh, triton.cdiv(row, meta["BLOCK"]))
-
-        wrap_triton(_patchify_kernel)[grid](
-            frames, idx, out,
-            s_n, s_c, s_h, s_w,
-            row, gh,
-            float(scale), float(sh[0]), float(sh[1]), float(sh[2]), float(dv[0]), float(dv[1]), float(dv[2]),
-            P=p, HAS_INDEX=frame_index is not None, NORMALIZE=bool(normalize),
-        )
-        return out
-
-    @triton_op("pevideo::patchify_normalize", mutates_args=())
-    def _patchify_op(
-        frames: torch.Tensor,
-        frame_index: Optional[torch.Tensor],
-        patch_size: int,
-        scale: float,
-        shift: list[float],
-        div: list[float],
-        normalize: bool,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        p = patch_size
-        h, w = (frames.shape[1], frames.shape[2]) if frames.dtype == torch.uint8 else (frames.shape[2], frames.shape[3])
-        n_out = frames.shape[0] if frame_index is None else frame_index.shape[0]
-        out = torch.empty((n_out, (h // p) * (w // p), 3 * p * p), dtype=out_dtype, device=frames.device)
-        return _launch(frames, frame_index, p, scale, shift, div, normalize, out)
-
-    _HAS_KERNEL = True
-
-
-def _kernel_args(frames, mean, std, rescale):
-    scale, shift, div, normalize = _affine(frames, mean, std, rescale)
-    if normalize:
-        return scale, shift.tolist(), div.tolist(), True
-    return scale, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], False
-
-
-def _check_index_values(frames, frame_index):
-    n = frames.shape[0]
-    if frame_index.numel() == 0:
-        return
-    if frame_index.device.type == "cpu":
-        lo, hi = int(frame_index.min()), int(frame_index.max())
-        if lo < 0 or hi >= n:
-            raise ValueError(f"frame_index values must be in [0, {n}); got values in [{lo}, {hi}]")
-    else:  # no host sync on the GPU: a device-side assert instead of reading out of bounds
-        torch._assert_async(((frame_index >= 0) & (frame_index < n)).all(), f"frame_index values must be in [0, {n})")
-
-
-def _patchify_fused(frames, patch_size, mean, std, rescale, out_dtype, frame_index):
-    """The Triton path of :func:`patchify_normalize`, for callers that checked the arguments (the model)."""
+def patchify_normalize_fused(
+    frames, patch_size, mean=None, std=None, rescale=1 / 255, out_dtype=None, frame_index=None
+) -> torch.Tensor:
+    """The Triton path of :func:`patchify_normalize` (same arguments, already checked)."""
     if frame_index is not None:
         frame_index = frame_index.contiguous()
-    scale, shift, div, normalize = _kernel_args(frames, mean, std, rescale)
-    return torch.ops.pevideo.patchify_normalize(
-        frames, frame_index, patch_size, scale, shift, div, normalize, out_dtype or torch.float32
-    )
+    scale, shift, div, normalize = _affine(frames, mean, std, rescale)
+    if normalize:
+        shift, div = shift.tolist(), div.tolist()
+    else:
+        shift, div = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    return patchify_normalize_op(frames, frame_index, patch_size, scale, shift, div, normalize, out_dtype or torch.float32)
+
+
+def _reason(frames, patch_size, mean=None, std=None, rescale=1 / 255, out_dtype=None, frame_index=None):
+    return patchify_unsupported_reason(frames, frame_index)  # (the other arguments don't matter to it)
+
+
+PATCHIFY = KernelOp("patchify_normalize", patchify_check_args, _reason, patchify_normalize_fused, patchify_normalize_ref)
 
 
 def patchify_normalize(
@@ -287,9 +202,4 @@ def patchify_normalize(
     Runs the Triton kernel on CUDA tensors (and on CPU under TRITON_INTERPRET=1), the reference
     otherwise. Bad shapes, dtypes or arguments raise ValueError.
     """
-    _check_args(frames, patch_size, mean, std, rescale, out_dtype, frame_index)
-    if frame_index is not None:
-        _check_index_values(frames, frame_index)
-    if patchify_unsupported_reason(frames, frame_index) is None:
-        return _patchify_fused(frames, patch_size, mean, std, rescale, out_dtype, frame_index)
-    return patchify_normalize_ref(frames, patch_size, mean, std, rescale, out_dtype, frame_index)
+    return run(PATCHIFY, frames, patch_size, mean, std, rescale, out_dtype, frame_index)

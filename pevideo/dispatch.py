@@ -9,16 +9,14 @@ record of the last forward.
 """
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import torch
 
-# The op modules, not the same-named functions the package exports.
-_attn = importlib.import_module("pevideo_kernels.rope_attention")
-_patchify = importlib.import_module("pevideo_kernels.patchify")
+from pevideo_kernels import PATCHIFY, ROPE_ATTENTION, KernelOp, kernel_reason, patchify_normalize
 
-__all__ = ["Ops", "FUSED", "PeVideoKernelFallbackWarning"]
+# patchify_normalize: for the processor's clip -> patch rows path (outside a model, so no Ops record).
+__all__ = ["Ops", "FUSED", "PeVideoKernelFallbackWarning", "patchify_normalize"]
 
 FUSED = "fused"
 EAGER = "eager (fast=False)"
@@ -78,31 +76,31 @@ class Ops:
     def _fallback(self, op: str, reason: str) -> None:
         self.report[op] = reason
 
-    def _run(self, op: str, check, reason_fn, fused, ref):
+    def _run(self, op: str, kop: KernelOp, *args, **kwargs) -> torch.Tensor:
+        """Run ``kop`` on these arguments as fused or reference, record which under ``op``, return the output."""
         if not self.fast:
             self.report[op] = EAGER
-            return ref()
+            return kop.ref(*args, **kwargs)
         try:
-            check()
-            reason = reason_fn()
+            reason = kernel_reason(kop, *args, **kwargs)  # the same choice as the public function makes
         except ValueError as exc:  # a shape/dtype the kernel doesn't take: the reference still does
             reason = f"unsupported by the kernel ({exc})"
         if reason is None:
             try:
-                out = fused()
+                out = kop.fused(*args, **kwargs)
             except Exception as exc:  # a kernel that fails to compile or launch must not sink the model
                 msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 reason = f"the kernel failed ({type(exc).__name__}: {msg})"
             else:
                 key = (op, out.dtype, out.device.type)
                 if self.verify and key not in self._checked:
-                    self._checked[key] = _disagreement(out, ref())
+                    self._checked[key] = _disagreement(out, kop.ref(*args, **kwargs))
                 reason = self._checked.get(key)
                 if reason is None:
                     self.report[op] = FUSED
                     return out
         self._fallback(op, reason)
-        return ref()
+        return kop.ref(*args, **kwargs)
 
     # -- ops ---------------------------------------------------------------------------------------
     def attention(
@@ -122,19 +120,10 @@ class Ops:
         skip_padded_queries: bool = False,
     ) -> torch.Tensor:
         """:func:`pevideo_kernels.rope_attention` (same arguments), recorded under ``op``."""
-        args = (q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries)
         return self._run(
-            op,
-            lambda: _attn._check_args(*args),
-            lambda: _attn.rope_attention_unsupported_reason(
-                q, k, v, coords=coords, freqs=freqs, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens
-            ),
-            lambda: _attn._rope_attention_fused(*args),
-            lambda: _attn.rope_attention_ref(
-                q, k, v, coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens,
-                max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, scale=scale,
-                skip_padded_queries=skip_padded_queries,
-            ),
+            op, ROPE_ATTENTION, q, k, v, coords=coords, freqs=freqs, rope_layout=rope_layout,
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, scale=scale,
+            skip_padded_queries=skip_padded_queries,
         )
 
     def patchify(
@@ -149,11 +138,4 @@ class Ops:
         frame_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:func:`pevideo_kernels.patchify_normalize` (same arguments), recorded under ``op``."""
-        args = (frames, patch_size, mean, std, rescale, out_dtype, frame_index)
-        return self._run(
-            op,
-            lambda: _patchify._check_args(*args),
-            lambda: _patchify.patchify_unsupported_reason(frames, frame_index),
-            lambda: _patchify._patchify_fused(*args),
-            lambda: _patchify.patchify_normalize_ref(*args),
-        )
+        return self._run(op, PATCHIFY, frames, patch_size, mean, std, rescale, out_dtype, frame_index)

@@ -15,11 +15,10 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.pe_video.modeling_pe_video import PeVideoOutput
 
-from pevideo_kernels import rope_1d
-
 from .config import vit_args
 from .dispatch import Ops
 from .loading import PretrainedMixin
+from .rope import rope_1d
 from .vit import VisionModel, compiled_block_fns
 
 __all__ = ["PeVideoEncoder", "PeVideoModel", "PeVideoOutput", "kernel_report"]

@@ -467,7 +467,7 @@ class PeVideoVideoProcessor:
         in order, features ordered (c, kh, kw); lengths (B,) int64, frames per clip. Takes the same
         options as :meth:`preprocess` (except return_tensors).
         """
-        from pevideo_kernels import patchify_normalize
+        from .dispatch import patchify_normalize
 
         if "return_tensors" in kwargs:
             raise ValueError("to_patches returns tensors; return_tensors does not apply")

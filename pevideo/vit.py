@@ -9,10 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pevideo_kernels import pe_core_rope_2d
-
 from .config import VitArgs
 from .dispatch import Ops
+from .rope import pe_core_rope_2d
 
 __all__ = ["PeCoreViT", "VisionModel"]
 

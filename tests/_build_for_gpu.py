@@ -3,7 +3,7 @@
 Triton's interpreter (how the CPU tests run the kernels) never runs the GPU compiler, so a kernel can pass
 every CPU test and still fail to build for a real GPU. This compiles, for Hopper (sm_90), every autotune
 config the attention launcher can pick for the model's real shapes, with exactly the arguments a launch
-would pass (``_kernel_args``), and the patchify kernel's configs; it prints one line per build and exits
+would pass (``kernel_args``), and the patchify kernel's configs; it prints one line per build and exits
 non-zero on the first failure. Run without TRITON_INTERPRET (tests/test_gpu_build.py runs it so).
 
     python tests/_build_for_gpu.py [--arch 90]
@@ -11,7 +11,6 @@ non-zero on the first failure. Run without TRITON_INTERPRET (tests/test_gpu_buil
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -22,8 +21,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-ra = importlib.import_module("pevideo_kernels.rope_attention")
-pz = importlib.import_module("pevideo_kernels.patchify")
+from pevideo.rope import pe_core_rope_2d, rope_1d  # noqa: E402
+from pevideo_kernels import _patchify_triton as pz  # noqa: E402  (the kernels themselves, to compile)
+from pevideo_kernels import _rope_attention_triton as ra  # noqa: E402
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
         torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
@@ -47,7 +47,7 @@ def _signature(kernel, args, constexprs):
 
 
 def _kernel(name):
-    return ra._rope_attn_fwd if name == "rope_attention" else pz._patchify_kernel.fn
+    return ra.rope_attn_fwd if name == "rope_attention" else pz.patchify_kernel.fn
 
 
 def _build(job):
@@ -70,13 +70,13 @@ def attention_cases():
     n, L = 8, 577
     for dt in (bf, fp16, fp32):
         qkv = torch.empty(n * L, 3, 16, 64, dtype=dt)
-        coords, freqs = ra.pe_core_rope_2d(24, 24, 64, ref_feat_shape=(24, 24))
+        coords, freqs = pe_core_rope_2d(24, 24, 64, ref_feat_shape=(24, 24))
         cu = torch.arange(n + 1, dtype=torch.int32) * L
         cases.append((f"frames {dt}", qkv[:, 0], qkv[:, 1], qkv[:, 2], coords.repeat(n, 1), freqs, "interleaved", cu, L, None))
     # temporal: 8 clips x 17 tokens, 14 heads of 128, padded, 1D RoPE (and 33 tokens: the next bucket)
     for s in (17, 33):
         q = torch.empty(8, s, 14, 128, dtype=bf)
-        coords, freqs = ra.rope_1d(s, 128, theta=20000.0)
+        coords, freqs = rope_1d(s, 128, theta=20000.0)
         mask = torch.ones(8, s, dtype=torch.bool)
         cases.append((f"temporal s={s}", q, q, q, coords.expand(8, s, 3).contiguous(), freqs, "interleaved", None, None, mask))
     # attention pooling: 1 latent query per frame over 577 keys, 8 heads of 128, no RoPE
@@ -97,18 +97,18 @@ def jobs(arch: int) -> list:
     out = []
     for label, q, k, v, coords, freqs, layout, cu, max_seqlen, mask in attention_cases():
         o = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype)
-        kargs, flags, *_ = ra._kernel_args(q, k, v, coords, freqs, layout, cu, max_seqlen, mask, q.shape[-1] ** -0.5, o)
+        kargs, flags, *_ = ra.kernel_args(q, k, v, coords, freqs, layout, cu, max_seqlen, mask, q.shape[-1] ** -0.5, o)
         flags["FAST_TRIG"] = True  # what a CUDA launch sets
         # tensors travel to the worker processes as small stand-ins of the same dtype (only dtypes matter)
         kargs = tuple(torch.empty(1, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in kargs)
-        config_set = ra._config_set(kargs[-2], flags["BLOCK_D"], q.dtype == torch.float32)
-        for bm, bn, warps, stages in ra._CONFIG_SETS[config_set]:
+        config_set = ra.config_set(kargs[-2], flags["BLOCK_D"], q.dtype == torch.float32)
+        for bm, bn, warps, stages in ra.CONFIG_SETS[config_set]:
             out.append(("rope_attention", kargs, {**flags, "BLOCK_M": bm, "BLOCK_N": bn},
                         {"num_warps": warps, "num_stages": stages}, arch,
                         f"rope_attention {label} [{config_set} {bm}x{bn} w{warps} s{stages}] sm_{arch}"))
     frames, idx, rows = torch.empty(1, dtype=torch.uint8), torch.empty(1, dtype=torch.int64), torch.empty(1, dtype=torch.bfloat16)
     s_n, s_h, s_w, s_c = 336 * 336 * 3, 336 * 3, 3, 1
-    for block, warps in pz._CUDA_CONFIGS:
+    for block, warps in pz.CUDA_CONFIGS:
         for normalize in (True, False):
             pargs = (frames, idx, rows, s_n, s_c, s_h, s_w, 24 * 3 * 14 * 14, 24, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5)
             out.append(("patchify", pargs, {"P": 14, "HAS_INDEX": True, "NORMALIZE": normalize, "BLOCK": block},

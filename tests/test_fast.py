@@ -4,7 +4,6 @@ On CPU the kernels run through Triton's interpreter (conftest sets TRITON_INTERP
 """
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from _upstream import make_config, randomize, rel_err, video_inputs
 
 import pevideo
-from pevideo_kernels import HAS_TRITON, interpreting
+from pevideo_kernels import HAS_TRITON, PATCHIFY, ROPE_ATTENTION, interpreting
 
 OPS = {"patchify", "frame_attention", "pool_attention", "temporal_attention"}
 KERNELS_RUN_HERE = HAS_TRITON and (torch.cuda.is_available() or interpreting())
@@ -98,12 +97,11 @@ def test_unsupported_shape_falls_back_per_op():
 @needs_kernels
 def test_kernel_error_falls_back(large80, monkeypatch):
     eager, fast = _pair("large80", seed=2)
-    ra = importlib.import_module("pevideo_kernels.rope_attention")
 
     def boom(*a, **k):
         raise RuntimeError("simulated compile failure")
 
-    monkeypatch.setattr(ra, "_rope_attention_fused", boom)
+    monkeypatch.setattr(ROPE_ATTENTION, "fused", boom)
     pixels, mask = video_inputs(eager.config, [2, 1])
     with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="simulated compile failure"):
         with torch.no_grad():
@@ -120,9 +118,8 @@ def test_kernel_error_falls_back(large80, monkeypatch):
 def test_wrong_kernel_output_is_caught(monkeypatch):
     """A kernel that runs but computes garbage is checked against the reference on first use and switched off."""
     eager, fast = _pair("large80", seed=3)
-    pz = importlib.import_module("pevideo_kernels.patchify")
-    real = pz._patchify_fused
-    monkeypatch.setattr(pz, "_patchify_fused", lambda *a: real(*a) * 1.5)
+    real = PATCHIFY.fused
+    monkeypatch.setattr(PATCHIFY, "fused", lambda *a, **k: real(*a, **k) * 1.5)
     pixels, mask = video_inputs(eager.config, [2, 2])
     with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="patchify.*disagreed"):
         with torch.no_grad():

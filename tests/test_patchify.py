@@ -4,10 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pevideo_kernels import patchify as P
-from pevideo_kernels import patchify_normalize, patchify_normalize_ref
+from pevideo.dispatch import Ops
+from pevideo_kernels import patchify_normalize, patchify_normalize_ref, patchify_unsupported_reason
+from pevideo_kernels.patchify import KERNEL_MISSING
+from pevideo_kernels.testing import poison_outputs
 
-needs_kernel = pytest.mark.skipif(not P._HAS_KERNEL, reason="Triton kernel not available")
+needs_kernel = pytest.mark.skipif(KERNEL_MISSING is not None, reason=f"Triton kernel not available ({KERNEL_MISSING})")
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -164,12 +166,11 @@ def test_any_input_strides(name):
 @pytest.mark.parametrize("p,h,w", CASES)
 @pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32])
 def test_every_output_element_written(seed, p, h, w, in_dtype):
-    # Poison a preallocated output; the launcher must overwrite all of it.
+    # The launcher fills its output with NaN before the kernel runs; the kernel must overwrite all of it.
     x = _frames(in_dtype, 4, h, w)
     idx = torch.tensor([3, 1, 1])
-    scale, shift, div, normalize = P._kernel_args(x, MEAN, STD, 1 / 255)
-    out = torch.full((3, (h // p) * (w // p), 3 * p * p), float("nan"))
-    P._launch(x, idx, p, scale, shift, div, normalize, out)
+    with poison_outputs():
+        out = patchify_normalize(x, p, MEAN, STD, frame_index=idx)
     assert not out.isnan().any()
     assert torch.equal(out, patchify_normalize_ref(x, p, MEAN, STD, frame_index=idx))
 
@@ -183,11 +184,11 @@ def test_registered_as_a_torch_op(seed):
 
 def test_dispatch():
     x = torch.zeros(1, 28, 28, 3, dtype=torch.uint8)
-    if P._HAS_KERNEL and not torch.cuda.is_available():
-        assert P.patchify_unsupported_reason(x) is None  # interpreter: CPU tensors take the kernel
+    if KERNEL_MISSING is None and not torch.cuda.is_available():
+        assert patchify_unsupported_reason(x) is None  # interpreter: CPU tensors take the kernel
     y = torch.zeros(1, 3, 28, 28, requires_grad=True)
-    if P._HAS_KERNEL and not torch.cuda.is_available():
-        assert "grad" in P.patchify_unsupported_reason(y)
+    if KERNEL_MISSING is None and not torch.cuda.is_available():
+        assert "grad" in patchify_unsupported_reason(y)
     out = patchify_normalize(y, 14)  # differentiable through the reference
     out.sum().backward()
     assert torch.equal(y.grad, torch.ones_like(y))
@@ -224,6 +225,17 @@ def test_bad_input_raises(frames, kwargs, match):
     p = kwargs.pop("patch_size", 14)
     with pytest.raises(ValueError, match=match):
         patchify_normalize(frames, p, **kwargs)
+
+
+@needs_kernel
+def test_ops_checks_frame_index_values_like_the_public_function():
+    """The model's path (Ops) makes the same checks as patchify_normalize: an out-of-range frame index
+    never reaches the kernel (which would read out of bounds); the reference then raises."""
+    x = _frames(torch.uint8, 2, 28, 28)
+    ops = Ops(fast=True)
+    with pytest.raises(IndexError):
+        ops.patchify("patchify", x, 14, MEAN, STD, frame_index=torch.tensor([0, 2]))
+    assert "frame_index values must be in [0, 2)" in ops.report["patchify"]
 
 
 # --------------------------------------------------------------------------------------------------

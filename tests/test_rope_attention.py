@@ -8,20 +8,17 @@ forgets to write cannot pass.
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
+from pevideo.rope import pe_core_rope_2d, rope_1d
 from pevideo_kernels import (
-    pe_core_rope_2d,
-    rope_1d,
+    apply_rope_ref,
     rope_attention,
     rope_attention_ref,
     rope_attention_unsupported_reason,
 )
-
-ra = importlib.import_module("pevideo_kernels.rope_attention")  # the module (the package re-exports the function)
+from pevideo_kernels.testing import interpreter_blocks, poison_outputs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEV == "cuda"
@@ -37,15 +34,11 @@ LAYOUTS = ["interleaved", "half"]
 
 
 @pytest.fixture(autouse=True)
-def _poison_and_blocks(monkeypatch):
-    monkeypatch.setattr(ra, "_POISON_OUTPUT", True)
+def _poison_and_blocks():
     # Small tiles under the interpreter: more query blocks, whole K tiles and a ragged last one even
-    # for the short sequences these tests can afford.
-    monkeypatch.setattr(ra, "_INTERPRET_BLOCKS", (16, 16))
-
-
-def _blocks(monkeypatch, bm, bn):
-    monkeypatch.setattr(ra, "_INTERPRET_BLOCKS", (bm, bn))
+    # for the short sequences these tests can afford. (A test may nest other blocks inside.)
+    with poison_outputs(), interpreter_blocks(16, 16):
+        yield
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,10 +121,10 @@ def test_packed(seed, tol, layout, head_dim, coord_kind, heads, kv_heads):
 
 
 @pytest.mark.parametrize("tol", DTYPES)
-def test_packed_frame_length(seed, monkeypatch, tol):
+@interpreter_blocks(64, 64)
+def test_packed_frame_length(seed, tol):
     """A PE-like 577-token frame (1 CLS + 24x24 patches, PE-Core 2D RoPE) next to a ragged segment."""
     dtype, atol, rtol = tol
-    _blocks(monkeypatch, 64, 64)
     d, heads = 16, 2
     coords, freqs = pe_core_rope_2d(24, 24, d, device=DEV)
     lens = [577, 33]
@@ -269,10 +262,10 @@ def test_gqa_padded(seed, tol, kv_heads):
 @pytest.mark.parametrize("tol", DTYPES)
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("lq", [1, 3])
-def test_cross_attention(seed, monkeypatch, tol, with_mask, lq):
+@interpreter_blocks(16, 64)
+def test_cross_attention(seed, tol, with_mask, lq):
     """PE's attention pooling: one latent query per frame over a frame's 577 tokens, 8 heads."""
     dtype, atol, rtol = tol
-    _blocks(monkeypatch, 16, 64)
     b, lk, heads, d = 3, 577, 8, 16
     q = _rand(b, lq, heads, d, dtype=dtype)
     k, v = (_rand(b, lk, heads, d, dtype=dtype) for _ in range(2))
@@ -305,6 +298,20 @@ def test_scale_and_identity_rope(seed, tol):
     torch.testing.assert_close(same, out, atol=atol / 10, rtol=rtol / 10)
 
 
+@pytest.mark.skipif(ON_GPU, reason="replaces the interpreter's launch")
+def test_poison_hook_shows_unwritten_outputs(seed, monkeypatch):
+    """The testing hook the tests above rely on: with poison_outputs(), what the kernel skips is NaN."""
+    from pevideo_kernels import _rope_attention_triton as tri
+
+    class _WritesNothing:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(tri, "rope_attn_fwd", _WritesNothing())
+    q = _rand(1, 5, 2, 16, dtype=torch.float32)
+    assert rope_attention(q, q, q).isnan().all()
+
+
 def test_requires_grad_routes_to_reference(seed):
     q = torch.randn(1, 5, 2, 16, device=DEV, requires_grad=True)
     assert "grad" in rope_attention_unsupported_reason(q, q, q)
@@ -312,10 +319,9 @@ def test_requires_grad_routes_to_reference(seed):
     assert q.grad is not None
 
 
-def test_torch_compile(seed, monkeypatch):
+@poison_outputs(ON_GPU)  # (off on CPU: keep the traced graph minimal)
+def test_torch_compile(seed):
     """The op is a torch.library.triton_op, so torch.compile traces the launch (no graph break)."""
-    if not ON_GPU:
-        monkeypatch.setattr(ra, "_POISON_OUTPUT", False)  # keep the traced graph minimal
     d, heads = 16, 2
     lens = [5, 20]
     n = sum(lens)
@@ -418,7 +424,7 @@ def test_rope_1d_is_standard_rope(seed):
     emb = torch.cat([ang, ang], -1)[:, None]
     rot_half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
     want = x * emb.cos() + rot_half * emb.sin()
-    torch.testing.assert_close(ra.apply_rope_ref(x, coords, freqs, "half"), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(apply_rope_ref(x, coords, freqs, "half"), want, atol=1e-6, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

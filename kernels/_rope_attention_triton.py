@@ -1,0 +1,506 @@
+"""The Triton side of :mod:`pevideo_kernels.rope_attention`: the kernel and its one launcher.
+
+Imports Triton unconditionally; :mod:`.rope_attention` imports this module once, inside a guarded try,
+so ``import pevideo_kernels`` never fails without Triton. ``rope_attention_fwd`` is the launcher,
+registered as ``torch.ops.pevideo.rope_attention`` (``torch.library.triton_op``, so ``torch.compile``
+traces the launch); ``rope_attn_fwd``, ``kernel_args``, ``config_set`` and ``CONFIG_SETS`` are what
+``tests/_build_for_gpu.py`` compiles ahead of time.
+
+Layout of the work: one program per (query block, segment or batch row) on grid axis 0 -- query
+blocks of one segment are neighbours, so they share its K/V tiles in L2 -- and one per query head on
+axis 1. Each program keeps its rotated Q tile in registers and streams K/V tiles of its segment
+through an online softmax (FlashAttention-2). RoPE never materializes: angles come from the token
+coordinates and the frequency table, cos/sin are computed in registers, and the rotated pair halves
+a, b give scores = a_q·a_kᵀ + b_q·b_kᵀ (two dots; no re-interleaving).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import LAUNCH, interpreting, register_op
+
+__all__ = ["rope_attention_fused", "rope_attention_fwd", "rope_attn_fwd", "kernel_args", "config_set", "tuned_kernel", "CONFIG_SETS"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _cos_sin(x, FAST_TRIG: tl.constexpr):
+    if FAST_TRIG:
+        # The SFU's cos/sin.approx are accurate to ~2^-21 absolute on [-pi, pi]: reduce there first
+        # (two-constant Cody-Waite, n * 6.28125 is exact for |n| < 2^16). Libdevice's sinf/cosf
+        # take ~20 FP32 instructions each: for a K tile that is as much issue time as its matmuls.
+        n = tl.math.floor(x * 0.15915494309189535 + 0.5)
+        r = x - n * 6.28125
+        r = r - n * 1.9353071795864769e-03
+        c = tl.inline_asm_elementwise(
+            "cos.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True, pack=1
+        )
+        s = tl.inline_asm_elementwise(
+            "sin.approx.f32 $0, $1;", "=f,f", [r], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        c = tl.cos(x)
+        s = tl.sin(x)
+    return c, s
+
+
+@triton.jit
+def _load_pairs(rows, row_ok, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The two members of each RoPE pair of a (rows, head_dim) tile, as float32 (rows, BLOCK_H) each.
+
+    ``rows`` are the tile's row start pointers (a column), ``row_ok`` which rows to read.
+    Interleaved pairs (2j, 2j+1): one contiguous (vectorized) load, then a register-level split;
+    half pairs (j, j + head_dim/2): two contiguous loads.
+    """
+    if INTERLEAVED:
+        offs = tl.arange(0, 2 * BLOCK_H)
+        x = tl.load(rows + offs[None, :], mask=row_ok[:, None] & (offs < HEAD_DIM)[None, :], other=0.0)
+        a, b = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], BLOCK_H, 2)))
+    else:
+        offs = tl.arange(0, BLOCK_H)
+        m = row_ok[:, None] & (offs < HEAD_DIM // 2)[None, :]
+        a = tl.load(rows + offs[None, :], mask=m, other=0.0).to(tl.float32)
+        b = tl.load(rows + HEAD_DIM // 2 + offs[None, :], mask=m, other=0.0).to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE_DOT: tl.constexpr):
+    # float32 inputs: full-precision products (Triton's default would be TF32).
+    if IEEE_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _attn_tile(
+    acc, l_i, m_i, qa, qb, f0, f1, f2,
+    Kh, Vh, Ch, Mrow,
+    start_n, hi, qk_scale,
+    stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, MASK_N: tl.constexpr, LOAD_MASK: tl.constexpr,
+    FAST_TRIG: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """One K/V tile [start_n, start_n + BLOCK_N) folded into the running (acc, l_i, m_i).
+
+    MASK_N: the tile may run past ``hi`` (the last one). LOAD_MASK: also read the key-padding mask
+    (masks that are not one run of real keys); a tile may then hold no real key at all.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n64 = tl.cast(start_n, tl.int64)  # (a plain int when the interpreter runs the loop)
+    kp = Kh + n64 * stride_kt
+    vp = Vh + n64 * stride_vt
+    if MASK_N:
+        n_ok = (start_n + offs_n) < hi
+        if LOAD_MASK:
+            real = tl.load(Mrow + (start_n + offs_n) * stride_mt, mask=n_ok, other=0)
+            n_ok = n_ok & (real != 0)
+    dt = Kh.dtype.element_ty
+
+    if HAS_ROPE:
+        # Key angles, (BLOCK_N, BLOCK_H): keys on rows, as K is stored.
+        cp = Ch + n64 * stride_ct + offs_n * stride_ct
+        if MASK_N:
+            ct = tl.load(cp, mask=n_ok, other=0).to(tl.float32)
+            ch = tl.load(cp + stride_cd, mask=n_ok, other=0).to(tl.float32)
+            cw = tl.load(cp + 2 * stride_cd, mask=n_ok, other=0).to(tl.float32)
+            n_in = n_ok
+        else:
+            ct = tl.load(cp).to(tl.float32)
+            ch = tl.load(cp + stride_cd).to(tl.float32)
+            cw = tl.load(cp + 2 * stride_cd).to(tl.float32)
+            n_in = offs_n < BLOCK_N
+        ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
+        c, s = _cos_sin(ang, FAST_TRIG)
+        ka, kb = _load_pairs(kp + offs_n[:, None] * stride_kt, n_in, HEAD_DIM, BLOCK_H, INTERLEAVED)
+        # Rotate in float32, round to the input dtype, as the reference does before its matmul.
+        kra = (ka * c - kb * s).to(dt)
+        krb = (ka * s + kb * c).to(dt)
+        qk = _dot(qa, tl.trans(kra), None, IEEE_DOT)
+        qk = _dot(qb, tl.trans(krb), qk, IEEE_DOT)
+    else:
+        d_ok = offs_d < HEAD_DIM
+        if MASK_N:
+            kmask = d_ok[:, None] & n_ok[None, :]
+        else:
+            kmask = d_ok[:, None] & (offs_n < BLOCK_N)[None, :]
+        kt = tl.load(kp + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask, other=0.0)
+        qk = _dot(qa, kt, None, IEEE_DOT)
+
+    if MASK_N:
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if LOAD_MASK:
+        # A tile of padding only: m_new may still be -inf; keep exp2's arguments finite (p = 0).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new  # every tile read here holds a real key, so m_new is finite
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    d_ok_v = offs_d < HEAD_DIM
+    if MASK_N:
+        vmask = n_ok[:, None] & d_ok_v[None, :]
+    else:
+        vmask = (offs_n < BLOCK_N)[:, None] & d_ok_v[None, :]
+    # Masked-out rows load as zeros: padding tokens may hold anything (even NaN).
+    v = tl.load(vp + offs_n[:, None] * stride_vt + offs_d[None, :], mask=vmask, other=0.0)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(dt), v, acc, IEEE_DOT)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_span(
+    acc, l_i, m_i, qa, qb, f0, f1, f2,
+    Kh, Vh, Ch, Mrow,
+    lo, hi, qk_scale,
+    stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, LOAD_MASK: tl.constexpr,
+    FAST_TRIG: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """Keys [lo, hi): whole tiles without any masking, then the ragged last one."""
+    if LOAD_MASK:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _attn_tile(
+                acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, start_n, hi, qk_scale,
+                stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
+                HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, True, True, FAST_TRIG, IEEE_DOT,
+            )
+    else:
+        n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+        for start_n in range(lo, n_full, BLOCK_N):
+            acc, l_i, m_i = _attn_tile(
+                acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, start_n, hi, qk_scale,
+                stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
+                HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, False, False, FAST_TRIG, IEEE_DOT,
+            )
+        if n_full < hi:
+            acc, l_i, m_i = _attn_tile(
+                acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, n_full, hi, qk_scale,
+                stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
+                HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, True, False, FAST_TRIG, IEEE_DOT,
+            )
+    return acc, l_i, m_i
+
+
+@triton.jit
+def rope_attn_fwd(
+    Q, K, V, O, C, FREQ, CU, MASK, KV_RANGE,
+    seqlen_q, seqlen_k, heads_per_kv, qk_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_cb, stride_ct, stride_cd,
+    stride_mb, stride_mt,
+    bucket_q, bucket_k,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, IS_PACKED: tl.constexpr,
+    HAS_MASK: tl.constexpr, ZERO_PAD_Q: tl.constexpr, FAST_TRIG: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    bid = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    kv_head = head // heads_per_kv
+    b64 = bid.to(tl.int64)
+
+    if IS_PACKED:
+        tok0 = tl.load(CU + bid)
+        len_q = tl.load(CU + bid + 1) - tok0
+        if start_m >= len_q:  # past this segment's end (or an empty segment): nothing to do
+            return
+        len_k = len_q
+        t64 = tok0.to(tl.int64)
+        Qh = Q + t64 * stride_qt + head * stride_qh
+        Kh = K + t64 * stride_kt + kv_head * stride_kh
+        Vh = V + t64 * stride_vt + kv_head * stride_vh
+        Oh = O + t64 * stride_ot + head * stride_oh
+        Ch = C + t64 * stride_ct
+    else:
+        len_q = seqlen_q
+        len_k = seqlen_k
+        Qh = Q + b64 * stride_qb + head * stride_qh
+        Kh = K + b64 * stride_kb + kv_head * stride_kh
+        Vh = V + b64 * stride_vb + kv_head * stride_vh
+        Oh = O + b64 * stride_ob + head * stride_oh
+        Ch = C + b64 * stride_cb
+    Mrow = MASK + b64 * stride_mb
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < len_q
+    d_ok = offs_d < HEAD_DIM
+    if ZERO_PAD_Q:
+        # Self-attention with padding: padded query rows give zeros; a block of them exits here.
+        q_real = tl.load(Mrow + offs_m * stride_mt, mask=m_ok, other=0) != 0
+        if tl.max(q_real.to(tl.int32), 0) == 0:
+            tl.store(
+                Oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                tl.zeros([BLOCK_M, BLOCK_D], dtype=O.dtype.element_ty),
+                mask=m_ok[:, None] & d_ok[None, :],
+            )
+            return
+
+    dt = Q.dtype.element_ty
+    q_rows = Qh + offs_m[:, None] * stride_qt
+    q_ok = m_ok
+    if ZERO_PAD_Q:
+        q_ok = q_ok & q_real  # padded rows are zeroed at the end; do not even read them
+    if HAS_ROPE:
+        HALF = HEAD_DIM // 2
+        offs_h = tl.arange(0, BLOCK_H)
+        h_ok = offs_h < HALF
+        # Angles do not depend on the head: f0..f2 hold each pair's frequency per axis.
+        f0 = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
+        f1 = tl.load(FREQ + HALF + offs_h, mask=h_ok, other=0.0)
+        f2 = tl.load(FREQ + 2 * HALF + offs_h, mask=h_ok, other=0.0)
+        cp = Ch + offs_m * stride_ct
+        ct = tl.load(cp, mask=m_ok, other=0).to(tl.float32)
+        ch = tl.load(cp + stride_cd, mask=m_ok, other=0).to(tl.float32)
+        cw = tl.load(cp + 2 * stride_cd, mask=m_ok, other=0).to(tl.float32)
+        ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
+        c, s = _cos_sin(ang, FAST_TRIG)
+        xa, xb = _load_pairs(q_rows, q_ok, HEAD_DIM, BLOCK_H, INTERLEAVED)
+        qa = (xa * c - xb * s).to(dt)
+        qb = (xa * s + xb * c).to(dt)
+    else:
+        qa = tl.load(q_rows + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        qb = qa
+        f0 = tl.zeros([BLOCK_H], dtype=tl.float32)
+        f1 = f0
+        f2 = f0
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if HAS_MASK:
+        # [lo, hi): first real key to last real key + 1; contiguous: every key in between is real.
+        lo = tl.load(KV_RANGE + bid * 3)
+        hi = tl.load(KV_RANGE + bid * 3 + 1)
+        contiguous = tl.load(KV_RANGE + bid * 3 + 2)
+        if contiguous != 0:
+            acc, l_i, m_i = _attn_span(
+                acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, lo, hi, qk_scale,
+                stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
+                HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, False, FAST_TRIG, IEEE_DOT,
+            )
+        else:
+            acc, l_i, m_i = _attn_span(
+                acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, lo, hi, qk_scale,
+                stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
+                HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, True, FAST_TRIG, IEEE_DOT,
+            )
+    else:
+        acc, l_i, m_i = _attn_span(
+            acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, 0, len_k, qk_scale,
+            stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
+            HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, False, FAST_TRIG, IEEE_DOT,
+        )
+
+    # Rows that saw no real key have l_i == 0 and acc == 0: they come out as zeros, not NaN.
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if ZERO_PAD_Q:
+        out = tl.where(q_real[:, None], out, 0.0)
+    # Output pointers are built only now: a (BLOCK_M, BLOCK_D) block of 64-bit addresses kept live
+    # across the loop would cost ~128 registers per thread.
+    tl.store(
+        Oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+
+
+# Autotuning (CUDA only): one small config set per class of problem, picked on the host (no
+# prune hook, which torch.compile's handling of user kernels may not honour). Configs were checked
+# for register spills with ptxas for sm_90. Large BLOCK_M first where it fits: each program
+# recomputes its K tiles' cos/sin, so taller query blocks amortize that over more rows.
+CONFIG_SETS = {
+    # one or a few queries per row (attention pooling; short temporal clips)
+    "q16": [(16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 3), (16, 64, 8, 3)],
+    "q32": [(32, 32, 4, 3), (16, 32, 4, 3), (64, 32, 8, 3), (32, 64, 4, 3)],
+    "d64": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+    # head_dim 96/128: the K tile's rotation temporaries (4 fp32 (BLOCK_N, head_dim/2) arrays)
+    # dominate registers, so narrow K tiles and 8 warps
+    "d128": [(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 8, 3)],
+    "d256": [(64, 32, 8, 2), (64, 16, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2)],
+    # float32 inputs use full-precision (non tensor-core) dots: small tiles only
+    "f32": [(32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2), (64, 16, 4, 2)],
+}
+_TUNED = {}
+
+
+def tuned_kernel(name: str):
+    """The kernel autotuned over config set ``name`` (built once per set)."""
+    if name not in _TUNED:
+        _TUNED[name] = triton.autotune(
+            configs=[
+                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                for bm, bn, w, st in CONFIG_SETS[name]
+            ],
+            key=["HEAD_DIM", "bucket_q", "bucket_k", "HAS_ROPE", "IS_PACKED", "HAS_MASK"],
+        )(rope_attn_fwd)
+    return _TUNED[name]
+
+
+def config_set(bucket_q: int, block_d: int, fp32: bool) -> str:
+    """Which of CONFIG_SETS a launch autotunes over."""
+    if fp32:
+        return "f32"
+    if bucket_q <= 16:
+        return "q16"
+    if bucket_q <= 32:
+        return "q32"
+    return "d64" if block_d <= 64 else "d128" if block_d <= 128 else "d256"
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side: arguments, the launcher, its registration
+# --------------------------------------------------------------------------------------------------
+def _key_ranges(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bool -> (batch, 3) int32: first real key, last real key + 1, 1 if all keys in between
+    are real. On the mask's device, no host sync."""
+    n = mask.shape[1]
+    pos = torch.arange(1, n + 1, device=mask.device, dtype=torch.int32)
+    m = mask.to(torch.int32)
+    hi = (m * pos).amax(1)
+    lo = torch.where(mask, pos, n + 1).amin(1) - 1
+    count = m.sum(1, dtype=torch.int32)
+    contiguous = (count == hi - lo).to(torch.int32)
+    return torch.stack((lo.to(torch.int32), hi.to(torch.int32), contiguous), 1).contiguous()
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out,
+                 skip_padded_queries=False):
+    """The kernel's arguments for these (checked) inputs: (args, flags, nbatch, seqlen_q, seqlen_k, hq).
+
+    Shared by the launcher and by the ahead-of-time build check (tests/_build_for_gpu.py), so the latter
+    compiles exactly what a launch would.
+    """
+    packed = cu_seqlens is not None
+    d = q.shape[-1]
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if packed:
+        nbatch = cu_seqlens.numel() - 1
+        seqlen_q = seqlen_k = int(max_seqlen)
+        sq, sk, sv, so = ((0, *t.stride()[:2]) for t in (q, k, v, out))
+    else:
+        nbatch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        sq, sk, sv, so = (t.stride()[:3] for t in (q, k, v, out))
+
+    has_rope = coords is not None
+    has_mask = key_padding_mask is not None
+    dummy = q  # stands in for absent pointers; never read (the matching flag is off)
+    if has_rope:
+        c = coords
+        sc = (0, *c.stride()) if packed else tuple(c.stride())
+        f = freqs.contiguous()
+    else:
+        c, f, sc = dummy, dummy, (0, 0, 0)
+    if has_mask:
+        m = key_padding_mask.view(torch.uint8)
+        sm = tuple(m.stride())
+        ranges = _key_ranges(key_padding_mask)
+    else:
+        m, ranges, sm = dummy, dummy, (0, 0)
+    cu = cu_seqlens.contiguous() if packed else dummy  # read as a flat array
+
+    block_d = max(16, _next_pow2(d))
+    block_h = max(16, _next_pow2(d // 2)) if has_rope else 16
+    qk_scale = float(scale) * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    bucket_q, bucket_k = _next_pow2(max(seqlen_q, 16)), _next_pow2(max(seqlen_k, 16))
+    args = (
+        q, k, v, out, c, f, cu, m, ranges,
+        seqlen_q, seqlen_k, hq // hkv, qk_scale,
+        *sq, *sk, *sv, *so, *sc, *sm,
+        bucket_q, bucket_k,
+    )
+    flags = dict(
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h,
+        HAS_ROPE=has_rope, INTERLEAVED=rope_layout == "interleaved", IS_PACKED=packed,
+        HAS_MASK=has_mask, ZERO_PAD_Q=has_mask and seqlen_q == seqlen_k and bool(skip_padded_queries),
+        FAST_TRIG=q.device.type == "cuda" and torch.version.hip is None,
+        IEEE_DOT=q.dtype == torch.float32,
+    )
+    return args, flags, nbatch, seqlen_q, seqlen_k, hq
+
+
+def rope_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coords: Optional[torch.Tensor] = None,
+    freqs: Optional[torch.Tensor] = None,
+    rope_layout: str = "interleaved",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    skip_padded_queries: bool = False,
+) -> torch.Tensor:
+    """The kernel path of :func:`pevideo_kernels.rope_attention` (same arguments, already checked).
+
+    Allocates ``out`` (q's leading shape, v's head_dim, contiguous) and launches the kernel into it.
+    Packed mode: ``max_seqlen`` None costs a host sync (pass it under ``torch.compile``); when given it
+    must be at least the longest segment. Padded mode adds a few small device ops (each row's range of
+    real keys) and no host sync.
+
+    A backward pass would add a float32 log-sum-exp output here: allocated beside ``out`` as
+    (heads, tokens) packed or (batch, heads, seq) padded, its pointer and strides passed after ``O``,
+    stored by ``rope_attn_fwd`` as ``m_i + log2(l_i)`` (base 2, like the kernel's softmax) where it
+    stores ``out``, and returned with ``out`` by this launcher.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    packed = cu_seqlens is not None
+    if packed and max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync; pass max_seqlen to avoid it
+    out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+    if LAUNCH.poison:
+        out.fill_(float("nan"))  # (pevideo_kernels.testing.poison_outputs) rows the kernel skips show up
+    if out.numel() == 0 or (int(max_seqlen) if packed else q.shape[1]) == 0:
+        return out
+    if not packed and k.shape[1] == 0:
+        return out.zero_()
+    args, flags, nbatch, seqlen_q, _, hq = kernel_args(
+        q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out, skip_padded_queries
+    )
+
+    def grid(meta):
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * nbatch, hq)
+
+    if interpreting() and q.device.type == "cpu":
+        # Called as is: the interpreter's kernels cannot be traced (the op is opaque there).
+        bm, bn = LAUNCH.interpret_blocks
+        rope_attn_fwd[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        kernel = tuned_kernel(config_set(args[-2], flags["BLOCK_D"], q.dtype == torch.float32))
+        with torch.cuda.device(q.device):
+            torch.library.wrap_triton(kernel)[grid](*args, **flags)  # lets torch.compile trace the launch
+    return out
+
+
+def _fake(q, k, v, coords=None, freqs=None, rope_layout="interleaved", cu_seqlens=None, max_seqlen=None,
+          key_padding_mask=None, scale=None, skip_padded_queries=False):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# What callers run: torch.ops.pevideo.rope_attention (opaque under TRITON_INTERPRET, see register_op).
+rope_attention_fused = register_op("pevideo::rope_attention", rope_attention_fwd, _fake)
