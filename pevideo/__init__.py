@@ -6,7 +6,7 @@ the video tower through pevideo's fused Triton kernels where they can run.
 from .dispatch import PeVideoKernelFallbackWarning
 from .loading import CheckpointMismatchError
 from .modeling import PeVideoEncoder, PeVideoModel, PeVideoOutput, kernel_report
-from .pipeline import (
+from .embed import (
     ClassifyResult,
     ClipResult,
     Embeddings,

@@ -17,7 +17,7 @@ pytest.importorskip("av")
 from _media import write_checkpoint, write_corrupt, write_video  # noqa: E402
 
 from pevideo import cli  # noqa: E402
-from pevideo.pipeline import (  # noqa: E402
+from pevideo.embed import (  # noqa: E402
     ManifestMismatchError,
     PipelineStats,
     classify_videos,
@@ -140,6 +140,15 @@ def test_expand_inputs(media, tmp_path, capsys):
         expand_inputs([str(tmp_path / "nope.mp4")], must_exist=True)
     with pytest.raises(ValueError, match="no videos found"):
         expand_inputs([str(tmp_path)])
+    # Expanded once: an expanded list is taken as is (the CLI expands, then the pipeline), even where a
+    # listed video's name looks like a list file.
+    import shutil
+
+    shutil.copy(media["order"][0], tmp_path / "odd.lst")
+    (tmp_path / "list.txt").write_text("odd.lst\n")
+    paths = expand_inputs([str(tmp_path / "list.txt")])
+    assert paths == [str(tmp_path / "odd.lst")]
+    assert expand_inputs(paths) is paths
     # On the command line a missing input is a usage error (exit 2), before any model is loaded.
     assert embed(tmp_path / "nope.mp4", "--model", media["ckpt"], "--out", tmp_path / "x.safetensors") == 2
     assert "input not found" in capsys.readouterr().err

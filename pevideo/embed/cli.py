@@ -1,4 +1,4 @@
-"""``pevideo embed``, ``pevideo classify`` and ``pevideo merge``: the command-line face of :mod:`pevideo.pipeline`.
+"""``pevideo embed``, ``pevideo classify`` and ``pevideo merge``: the command-line face of :mod:`pevideo.embed`.
 
 Exit status: 0 = every video done; 1 = some videos could not be read (the others' outputs are written,
 the failures listed in the errors file); 2 = usage error (bad arguments, missing input or checkpoint,
@@ -95,7 +95,7 @@ def _guarded(cmd: str, fn) -> int:
     """Exit statuses: usage problems 2, crashes 3 (with the traceback), Ctrl-C 130."""
     import warnings
 
-    from .pipeline import ManifestMismatchError
+    from .store import ManifestMismatchError
 
     def show(message, category, filename, lineno, file=None, line=None):
         if _is_rank0():  # under torchrun, once rather than once per rank
@@ -133,7 +133,8 @@ def _say(msg: str) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from .pipeline import embed_to_file, expand_inputs
+    from .api import embed_to_file
+    from .inputs import expand_inputs
 
     def go():
         paths = expand_inputs(args.inputs, must_exist=True)
@@ -162,7 +163,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from .pipeline import merge_shards
+    from .store import merge_shards
 
     def go():
         summary = merge_shards(args.out, keep_shards=args.keep_shards, errors=args.errors)
@@ -186,7 +187,8 @@ def _labels(args) -> list[str]:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from .pipeline import classify_videos, expand_inputs
+    from .api import classify_videos
+    from .inputs import expand_inputs
 
     def go():
         labels = _labels(args)

@@ -1,0 +1,84 @@
+"""Decoding in worker processes: each clip decoded with PyAV, resized to the model's frame size as uint8,
+and batches padded together (``collate``) for the encoder."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ClipDataset", "collate", "default_workers"]
+
+
+def to_model_frames(processor, frames: np.ndarray) -> torch.Tensor:
+    """Decoded uint8 frames (T, H, W, 3) -> resized uint8 (T, S, S, 3), exactly the processor's resize/crop."""
+    clip = processor(frames, do_sample_frames=False, do_rescale=False, do_normalize=False,
+                     input_data_format="channels_last")["pixel_values_videos"][0]
+    return clip.permute(0, 2, 3, 1).contiguous()
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Item i: the decoded, resized clip of ``paths[i]``, or the reason it could not be read."""
+
+    def __init__(self, paths: Sequence[str], processor, num_frames: int | None, fps: float | None):
+        self.paths, self.processor, self.num_frames, self.fps = paths, processor, num_frames, fps
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        from ..video import load_video
+
+        path = self.paths[i]
+        try:
+            frames, meta = load_video(path, num_frames=self.num_frames, fps=self.fps)
+            clip = to_model_frames(self.processor, frames)
+            return dict(index=i, path=path, frames=clip, total=int(meta.total_num_frames),
+                        indices=list(meta.frames_indices), error=None)
+        except Exception as exc:  # one unreadable video is that video's problem, not the run's
+            return dict(index=i, path=path, frames=None, total=0, indices=[], error=_reason(exc))
+
+
+def _reason(exc: Exception) -> str:
+    # load_video's own errors already say what is wrong with which file; anything else gets its type.
+    if type(exc) in (ValueError, FileNotFoundError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def collate(items: list[dict]) -> dict:
+    """Real clips padded into one uint8 batch (B, T_max, S, S, 3) + mask (B, T_max) bool, or None when all
+    clips have T_max frames; the failures ride along (metadata only)."""
+    ok = [it for it in items if it["error"] is None]
+    videos = mask = None
+    if ok:
+        lengths = [it["frames"].shape[0] for it in ok]
+        t_max = max(lengths)
+        if min(lengths) == t_max:
+            # No padding, no mask: the model then has no mask to copy over, which would wait for the device.
+            videos = torch.stack([it["frames"] for it in ok])
+        else:
+            videos = torch.zeros((len(ok), t_max, *ok[0]["frames"].shape[1:]), dtype=torch.uint8)
+            for b, it in enumerate(ok):
+                videos[b, : lengths[b]] = it["frames"]
+            mask = torch.arange(t_max)[None, :] < torch.tensor(lengths)[:, None]
+    meta = [{k: v for k, v in it.items() if k != "frames"} for it in items]
+    return dict(items=meta, videos=videos, mask=mask)
+
+
+def worker_init(_worker_id: int) -> None:
+    # Each worker resizes one clip at a time; many intra-op threads per worker would only fight.
+    torch.set_num_threads(1)
+
+
+def default_workers() -> int:
+    """The CPUs this process may use, shared with the other ranks on this machine, less one for the
+    encoding loop; at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # honours container / taskset limits, unlike cpu_count
+    except AttributeError:
+        cpus = os.cpu_count() or 2
+    cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, cpus - 1))
+
