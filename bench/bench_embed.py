@@ -137,7 +137,7 @@ def encode_only(model, processor, paths, num_frames, batch_size, device, budget_
 def run(args) -> dict:
     from pevideo import PeVideoVideoProcessor
     from pevideo import embed_to_file, expand_inputs
-    from pevideo.embed.session import resolve_dtype
+    from pevideo.loading import resolve_dtype
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"

@@ -17,6 +17,7 @@ import platform
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from .video import (
     upstream_fps_indices,
 )
 
-__all__ = ["PeVideoVideoProcessor", "PeVideoProcessor"]
+__all__ = ["PeVideoVideoProcessor", "PeVideoProcessor", "Normalization", "sampling", "checkpoint_frame_size",
+           "load_tokenizer"]
 
 VIDEO_PROCESSOR_NAME = "video_preprocessor_config.json"
 PROCESSOR_NAME = "processor_config.json"
@@ -115,10 +117,58 @@ def _center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def _channel_list(v, name):
     if isinstance(v, (int, float)):
         return [float(v)] * 3
-    vals = [float(x) for x in v]
+    try:
+        vals = [float(x) for x in v]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} needs 3 numbers (one per RGB channel), got {v!r}") from None
     if len(vals) != 3:
         raise ValueError(f"{name} needs 3 values (one per RGB channel), got {vals}")
     return vals
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How resized uint8 frames become model inputs: ``(x * rescale - mean) / std`` per RGB channel.
+
+    A processor's rescale + normalize settings (:attr:`PeVideoVideoProcessor.normalization`), as
+    :meth:`pevideo.PeVideoModel.get_video_features_uint8` applies them inside the patchify op. The
+    defaults are PE Video's: mean = std = 0.5, rescale 1/255. Checked on creation (ValueError): three
+    finite means, three finite positive stds (0 or NaN would make every output NaN), a finite
+    non-zero rescale.
+    """
+
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    rescale: float = 1 / 255
+
+    def __post_init__(self):
+        mean, std = _channel_list(self.mean, "image_mean"), _channel_list(self.std, "image_std")
+        if not all(math.isfinite(v) for v in mean):
+            raise ValueError(f"image_mean must be finite, got {mean}")
+        if not all(math.isfinite(v) and v > 0 for v in std):
+            raise ValueError(f"image_std must be finite and positive, got {std}")
+        r = self.rescale
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r == 0:
+            raise ValueError(f"rescale_factor must be a finite non-zero number, got {r!r}")
+        object.__setattr__(self, "mean", tuple(mean))
+        object.__setattr__(self, "std", tuple(std))
+        object.__setattr__(self, "rescale", float(r))
+
+    def as_kwargs(self) -> dict:
+        """``mean``, ``std``, ``rescale`` as the patchify op takes them."""
+        return dict(mean=self.mean, std=self.std, rescale=self.rescale)
+
+
+def sampling(num_frames=None, fps=None):
+    """The one rule for a call's ``num_frames`` / ``fps``: ``("n", n)``, ``("fps", f)`` or None (neither
+    given). Refuses both at once, and values that are not a positive int / a positive finite number."""
+    if num_frames is not None and fps is not None:
+        raise ValueError("give num_frames or fps, not both")
+    if num_frames is not None:
+        return ("n", _check_num_frames(num_frames))
+    if fps is not None:
+        return ("fps", _check_fps(fps))
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,14 +368,43 @@ class PeVideoVideoProcessor:
         entry, then ``video_preprocessor_config.json``, then ``preprocessor_config.json``. Keyword
         arguments that name a setting override the file; ``cache_dir``, ``revision``, ``token``,
         ``local_files_only``, ``subfolder`` go to the download.
+
+        A checkpoint folder without any of these (as ``model.save_pretrained`` writes it) gets PE
+        Video's preprocessing at the checkpoint's frame size (from its ``config.json``), with one
+        warning naming what was assumed; write the real settings next to the checkpoint with
+        ``processor.save_pretrained(path)`` to silence it. Raises OSError when there is neither.
         """
         hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
         unknown = set(kwargs) - set(_CONFIG_KEYS)
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}; known: {list(_CONFIG_KEYS)}")
+        try:
+            file_config = _load_video_config(pretrained_model_name_or_path, **hub)
+        except _NoProcessorConfig:
+            size = checkpoint_frame_size(pretrained_model_name_or_path)
+            if size is None:
+                raise
+            return cls.pe_default(size, f"{os.fspath(pretrained_model_name_or_path)} has no video processor config",
+                                  **kwargs)
         # A key the file leaves out means what it means upstream (mostly: off), not our defaults.
-        config = {**_UPSTREAM_DEFAULTS, **_load_video_config(pretrained_model_name_or_path, **hub), **kwargs}
-        return cls(**config)
+        return cls(**{**_UPSTREAM_DEFAULTS, **file_config, **kwargs})
+
+    @classmethod
+    def pe_default(cls, frame_size: tuple[int, int], why: str, **kwargs) -> "PeVideoVideoProcessor":
+        """PE Video's preprocessing at ``frame_size`` (h, w), for a checkpoint with no processor config:
+        warns once per ``why`` (a phrase saying what was missing) naming every setting assumed."""
+        proc = cls(**{"size": {"height": int(frame_size[0]), "width": int(frame_size[1])}, **kwargs})
+        if why not in _warned_defaults:
+            _warned_defaults.add(why)
+            n = proc.normalization
+            warnings.warn(
+                f"{why}; assuming PE Video's preprocessing: resize to {proc.output_size[0]}x{proc.output_size[1]} "
+                f"(the model's frame size), {_RESAMPLE[proc.resample]} with antialias, rescale 1/255, "
+                f"mean {list(n.mean)}, std {list(n.std)}. Write the real settings next to the checkpoint "
+                "with processor.save_pretrained(path) (see README: Your own or an offline checkpoint)",
+                stacklevel=3,
+            )
+        return proc
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in _CONFIG_KEYS}
@@ -361,16 +440,16 @@ class PeVideoVideoProcessor:
             )
         s["mode"] = _RESAMPLE[resample]
         s["do_rescale"] = bool(get("do_rescale"))
-        rf = get("rescale_factor")
-        if s["do_rescale"] and (isinstance(rf, bool) or not isinstance(rf, (int, float)) or not math.isfinite(rf) or rf == 0):
-            raise ValueError(f"rescale_factor must be a finite non-zero number, got {rf!r}")
-        s["rescale_factor"] = rf
+        s["rescale_factor"] = get("rescale_factor")
         s["do_normalize"] = bool(get("do_normalize"))
+        # Checked once, by the record the model takes too; only the settings in use are checked.
+        s["norm"] = norm = Normalization(
+            mean=get("image_mean") if s["do_normalize"] else 0.0,
+            std=get("image_std") if s["do_normalize"] else 1.0,
+            rescale=s["rescale_factor"] if s["do_rescale"] else 1.0,
+        )
         if s["do_normalize"]:
-            s["mean"] = _channel_list(get("image_mean"), "image_mean")
-            s["std"] = _channel_list(get("image_std"), "image_std")
-            if any(v == 0 for v in s["std"]):
-                raise ValueError(f"image_std must be non-zero, got {s['std']}")
+            s["mean"], s["std"] = list(norm.mean), list(norm.std)
         s["do_convert_rgb"] = bool(get("do_convert_rgb"))
         s["crop"] = _size_hw(get("crop_size"), True) if get("do_center_crop") else None
         if get("do_center_crop") and s["crop"] is None:
@@ -383,21 +462,36 @@ class PeVideoVideoProcessor:
 
     def _sampling(self, kw):
         """('n', n), ('fps', f) or None, from the call's and the config's options."""
-        n, fps, dsf = kw.get("num_frames"), kw.get("fps"), kw.get("do_sample_frames")
-        if n is not None and fps is not None:
-            raise ValueError("give num_frames or fps, not both")
-        if dsf is False and (n is not None or fps is not None):
+        dsf = kw.get("do_sample_frames")
+        rule = sampling(kw.get("num_frames"), kw.get("fps"))
+        if dsf is False and rule is not None:
             raise ValueError("do_sample_frames=False contradicts the num_frames/fps given")
-        if n is not None:
-            return ("n", _check_num_frames(n))
-        if fps is not None:
-            return ("fps", _check_fps(fps))
-        if dsf if dsf is not None else self.do_sample_frames:
-            if self.num_frames:  # upstream's order: the config's num_frames, else its fps
-                return ("n", _check_num_frames(self.num_frames))
-            if self.fps:
-                return ("fps", _check_fps(self.fps))
-        return None
+        if rule is None and (dsf if dsf is not None else self.do_sample_frames):
+            # upstream's order: the config's num_frames, else its fps
+            rule = sampling(self.num_frames or None, None) or sampling(None, self.fps or None)
+        return rule
+
+    @property
+    def normalization(self) -> Normalization:
+        """This processor's rescale + normalize, as a :class:`Normalization` (what
+        :meth:`pevideo.PeVideoModel.get_video_features_uint8` takes)."""
+        return self._settings({})["norm"]
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of the frames this processor makes (after resize and crop), or None when
+        it keeps the input's size (no resize, no crop)."""
+        s = self._settings({})
+        return s["crop"] or s["size"]
+
+    def resize_frames(self, frames) -> torch.Tensor:
+        """One clip's uint8 frames (T, H, W, 3) to uint8 (T, h, w, 3): this processor's RGB conversion,
+        resize and crop, without sampling or normalizing (pair it with :attr:`normalization` for
+        :meth:`pevideo.PeVideoModel.get_video_features_uint8`). A channels-last view of the resized
+        frames, not a copy."""
+        s = self._settings({})
+        clips, _ = self._load(frames, {"do_sample_frames": False, "input_data_format": "channels_last"}, s)
+        return clips[0].permute(0, 2, 3, 1)
 
     # ---- the pipeline --------------------------------------------------------------------------
     def __call__(self, videos, **kwargs):
@@ -618,6 +712,43 @@ def _sample_array(clip, sampling, meta, i):
     return clip, meta_out
 
 
+_warned_defaults: set = set()
+
+
+class _NoProcessorConfig(OSError):
+    """None of the files transformers reads a video processor from is there."""
+
+
+def checkpoint_frame_size(path) -> tuple[int, int] | None:
+    """The frame size (h, w) a local checkpoint folder's ``config.json`` gives its frame encoder, without
+    loading the model; None when ``path`` is not a local folder with a config.json."""
+    from .config import checkpoint_config_dict, load_config_dict, vit_args
+
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    d = checkpoint_config_dict(load_config_dict(path), "pe_video_encoder")
+    return tuple(vit_args(d.get("vision_config") or {}).img_size)
+
+
+def load_tokenizer(path, **kwargs):
+    """The checkpoint's text tokenizer (``AutoTokenizer``); a ValueError saying what is missing and where
+    a tokenizer comes from when there is none (``model.save_pretrained`` writes no tokenizer)."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    hint = ("PE Video's text side needs the tokenizer of the checkpoint the weights come from: write it "
+            "next to the checkpoint with AutoTokenizer.from_pretrained(<that checkpoint or Hub id>)"
+            ".save_pretrained(path) (see README: Your own or an offline checkpoint)")
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, n)) for n in names):
+        raise ValueError(f"{path} has no tokenizer ({' / '.join(names[:2])}); {hint}")
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load a tokenizer from {path}: {exc}; {hint}") from exc
+
+
 def _load_video_config(path, **hub) -> dict:
     """The video processor's settings, found where transformers looks for them."""
     path = os.fspath(path)
@@ -645,7 +776,7 @@ def _load_video_config(path, **hub) -> dict:
         p = found(name)
         if p is not None:
             return _read_json(p)
-    raise OSError(
+    raise _NoProcessorConfig(
         f"no video processor config in {path!r}: looked for {PROCESSOR_NAME} (with a 'video_processor' "
         f"entry), {VIDEO_PROCESSOR_NAME} and {IMAGE_PROCESSOR_NAME}"
     )
@@ -681,13 +812,15 @@ class PeVideoProcessor:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "PeVideoProcessor":
-        """The video processor's config and the tokenizer (``AutoTokenizer``) from the same place."""
-        from transformers import AutoTokenizer
+        """The video processor's config and the tokenizer (``AutoTokenizer``) from the same place.
 
+        A checkpoint folder without a processor config gets PE Video's default preprocessing (see
+        :meth:`PeVideoVideoProcessor.from_pretrained`); one without a tokenizer raises ValueError
+        saying where to get one (see :func:`load_tokenizer`)."""
         video_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_KEYS}
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        tokenizer = load_tokenizer(pretrained_model_name_or_path, **kwargs)
         video_processor = PeVideoVideoProcessor.from_pretrained(pretrained_model_name_or_path, **video_kwargs, **hub)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls(video_processor, tokenizer)
 
     def save_pretrained(self, save_directory) -> list[str]:

@@ -94,7 +94,10 @@ def test_embed_cli_end_to_end(media, reference, tmp_path, capsys):
                "--batch-size", 3, "--shard-size", 2, "--pooled")
     assert rc == 1  # one video failed, the rest is written
     err = capsys.readouterr().err
-    assert "bad.mp4" in err and "4 of 5 videos embedded" in err and "no preprocessor config" in err
+    assert "bad.mp4" in err and "4 of 5 videos embedded" in err
+    # The checkpoint has no processor config: one warning naming what was assumed.
+    assert err.count("has no video processor config") == 1
+    assert "64x64" in err and "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]" in err
 
     emb = read_embeddings(out)
     check_against_reference(emb, reference, media["good"], pooled=True)
@@ -285,8 +288,15 @@ def test_classify(media, reference, tmp_path, capsys):
                                num_workers=0))
     for r in res:
         torch.testing.assert_close(r.probs, want[r.path], atol=1e-5, rtol=1e-5)
+    # A model loaded from a checkpoint finds the checkpoint's tokenizer; one with no checkpoint folder needs tokenizer=.
+    res = list(classify_videos(media["good"][:1], model, LABELS, processor=proc, num_frames=NF, num_workers=0))
+    torch.testing.assert_close(res[0].probs, want[res[0].path], atol=1e-5, rtol=1e-5)
+    import copy
+
+    in_memory = copy.copy(model)
+    del in_memory.name_or_path
     with pytest.raises(ValueError, match="tokenizer"):
-        classify_videos(media["good"][:1], model, LABELS, processor=proc, num_workers=0)
+        classify_videos(media["good"][:1], in_memory, LABELS, processor=proc, num_workers=0)
 
     # A checkpoint without a tokenizer: a usage error, before any video is decoded.
     bare = tmp_path / "bare"

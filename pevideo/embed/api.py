@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -13,7 +12,8 @@ import torch
 from .distributed import Dist, combine_stats
 from .encode import ClipResult, PipelineStats, run_clips
 from .inputs import expand_inputs
-from .session import check_sampling, load_processor, model_and_processor, resolve_device, resolve_dtype
+from ..processing import load_tokenizer
+from .session import check_sampling, open_session
 from .store import (
     DEFAULT_SHARD_SIZE,
     MAX_HEADER_JSON,
@@ -29,7 +29,7 @@ from .store import (
     write_shard,
 )
 
-__all__ = ["embed_videos", "embed_to_file", "classify_videos", "ClassifyResult", "text_embeddings", "load_tokenizer"]
+__all__ = ["embed_videos", "embed_to_file", "classify_videos", "ClassifyResult", "text_embeddings"]
 
 
 def embed_videos(
@@ -52,10 +52,11 @@ def embed_videos(
 
     Args:
         videos: video paths, folders or list files (expanded by :func:`expand_inputs`).
-        model: a :class:`pevideo.PeVideoModel`, or a checkpoint folder / Hub id, loaded with
-            :func:`load_model` (``device``, ``dtype``, ``fast`` apply only then).
+        model: a :class:`pevideo.PeVideoModel`, or a checkpoint folder / Hub id, loaded on ``device``
+            in ``dtype`` with ``fast`` (these apply only then; see :func:`pevideo.embed.session.open_session`).
         processor: a :class:`pevideo.PeVideoVideoProcessor` or a folder to load one from; default: the
-            checkpoint's (see :func:`load_processor`).
+            checkpoint's (also for a model object loaded with ``from_pretrained``), else PE Video's
+            preprocessing at the model's frame size, with one warning.
         num_frames: frames sampled per clip, spread over the video as upstream samples (default 16,
             unless ``fps`` is given); ``fps``: sample at this rate instead (clips then differ in length).
         batch_size: clips per encoder call. num_workers: decoding processes (0: decode in this process;
@@ -70,10 +71,10 @@ def embed_videos(
     # Not a generator itself: bad arguments and a missing checkpoint raise here, not at the first next().
     num_frames, fps = check_sampling(num_frames, fps)
     paths = expand_inputs(videos)
-    model, processor, _ = model_and_processor(model, processor, device, dtype, fast)
-    return run_clips(paths, range(len(paths)), model, processor, num_frames=num_frames, fps=fps,
-                batch_size=batch_size, num_workers=num_workers, pooled=pooled,
-                stats=stats if stats is not None else PipelineStats(), progress=progress)
+    session = open_session(model, processor, device=device, dtype=dtype, fast=fast)
+    return run_clips(paths, range(len(paths)), session.model(), session.processor, num_frames=num_frames, fps=fps,
+                     batch_size=batch_size, num_workers=num_workers, pooled=pooled,
+                     stats=stats if stats is not None else PipelineStats(), progress=progress)
 
 
 @dataclass
@@ -122,21 +123,24 @@ def classify_videos(
     ``probs[j] = sigmoid(video_embeds · text_embeds[j] · logit_scale + logit_bias)``, computed in float32,
     i.e. ``model(...).logits_video_text.sigmoid()`` as in upstream's quickstart; each label is scored
     on its own (they need not sum to 1). ``tokenizer``: default, the checkpoint's (``AutoTokenizer``;
-    needed when ``model`` is an object). Other arguments as :func:`embed_videos`.
+    needed for a model built in memory). ``model.save_pretrained`` writes no tokenizer: see
+    :func:`pevideo.processing.load_tokenizer` for where one comes from. Other arguments as
+    :func:`embed_videos`.
     """
     num_frames, fps = check_sampling(num_frames, fps)
     paths = expand_inputs(videos)
-    model, processor, path = model_and_processor(model, processor, device, dtype, fast)
+    session = open_session(model, processor, device=device, dtype=dtype, fast=fast)
     if tokenizer is None:
-        if path is None:
-            raise ValueError("classify_videos needs tokenizer= when model is a model object")
-        tokenizer = load_tokenizer(path)
+        if session.checkpoint is None:
+            raise ValueError("classify_videos needs tokenizer= for a model that has no checkpoint folder")
+        tokenizer = load_tokenizer(session.checkpoint)
+    model, processor = session.model(), session.processor
     text = text_embeddings(model, tokenizer, labels)
     scale = float(model.text_video_logit_scale.float().item())
     bias = float(model.text_video_logit_bias.float().item())
     results = run_clips(paths, range(len(paths)), model, processor, num_frames=num_frames, fps=fps,
-                   batch_size=batch_size, num_workers=num_workers, pooled=False,
-                   stats=stats if stats is not None else PipelineStats(), progress=progress)
+                        batch_size=batch_size, num_workers=num_workers, pooled=False,
+                        stats=stats if stats is not None else PipelineStats(), progress=progress)
     return _scores(results, text, scale, bias)
 
 
@@ -149,19 +153,6 @@ def _scores(results: Iterator[ClipResult], text: torch.Tensor, scale: float, bia
                 yield ClassifyResult(r.index, r.path, probs=torch.sigmoid(text @ r.video_embeds * scale + bias))
     finally:
         results.close()
-
-
-def load_tokenizer(path):
-    """The checkpoint's tokenizer (``AutoTokenizer``), with an error that says what is missing."""
-    from transformers import AutoTokenizer
-
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, n)) for n in names):
-        raise ValueError(f"{path} has no tokenizer ({' / '.join(names[:2])}); classify needs the checkpoint's tokenizer")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load a tokenizer from {path} (classify needs the checkpoint's tokenizer files): {exc}") from exc
 
 
 def embed_to_file(
@@ -190,8 +181,8 @@ def embed_to_file(
 
     Args:
         inputs: video files, folders and list files (see :func:`expand_inputs`).
-        model: a checkpoint folder / Hub id (loaded with :func:`load_model` on ``device``/``dtype``/
-            ``fast``) or a :class:`pevideo.PeVideoModel`.
+        model: a checkpoint folder / Hub id (loaded on ``device`` in ``dtype`` with ``fast`` only when
+            some shard is left to do) or a :class:`pevideo.PeVideoModel`.
         out: ``X.safetensors`` (one file; shards are worked on in ``X.safetensors.shards/``) or a folder
             (the shards are the output). See the module docstring for the contents.
         shard_size: clips per shard, the unit of resumption (and of work split across ranks).
@@ -218,29 +209,13 @@ def embed_to_file(
         if size > MAX_HEADER_JSON:
             raise ValueError(f"{len(paths)} paths are too many for one safetensors file's header; give a folder as "
                              "the output (no .safetensors suffix) to keep the shards")
-    from ..modeling import PeVideoModel
-
-    if isinstance(model, (str, os.PathLike)):
-        from ..loading import resolve_checkpoint
-
-        model = resolve_checkpoint(model)
-        device = resolve_device(device)
-    elif isinstance(model, PeVideoModel):
-        device = model.device
-    else:
-        raise TypeError(f"model must be a pevideo PeVideoModel or a checkpoint path, got {type(model).__name__}")
-    dist = Dist(device)
+    session = open_session(model, processor, device=device, dtype=dtype, fast=fast)
+    dist = Dist(session.device)
     try:
-        loaded = not isinstance(model, str)
-        model_dtype = model.dtype if loaded else resolve_dtype(dtype, dist.device)
-        if isinstance(processor, (str, os.PathLike)):
-            processor = load_processor(processor)
-        elif processor is None and not loaded:
-            try:
-                processor = load_processor(model)
-            except OSError:
-                pass  # no preprocessor config: the default one, at the frame size of the model once loaded
-        fp = fingerprint(paths, model_id(model), processor, num_frames, fps, model_dtype, pooled, shard_size)
+        if not session.loaded:
+            session.device = dist.device  # under torchrun: this rank's GPU
+        fp = fingerprint(paths, model_id(session.source), session.processor, num_frames, fps, session.dtype, pooled,
+                         shard_size)
         fp_sha = sha256(json.dumps(fp, sort_keys=True).encode())
         num_shards = math.ceil(len(paths) / shard_size)
         if dist.on_rank0(prepare, layout, fp, fp_sha, num_shards, overwrite) == "complete":
@@ -253,8 +228,7 @@ def embed_to_file(
         todo = [s for s in mine if not shard_ok(layout.shard(s), fp_sha)]
         stats = PipelineStats()
         if todo:
-            model, processor, _ = model_and_processor(model, processor, dist.device, model_dtype, fast)
-            _encode_shards(paths, todo, layout, model, processor, fp_sha, shard_size=shard_size,
+            _encode_shards(paths, todo, layout, session.model(), session.processor, fp_sha, shard_size=shard_size,
                            num_frames=num_frames, fps=fps, batch_size=batch_size, num_workers=num_workers,
                            pooled=pooled, stats=stats, progress=progress if dist.rank == 0 else False,
                            on_error=on_error, on_shard=on_shard)
@@ -275,7 +249,7 @@ def _encode_shards(paths, todo, layout, model, processor, fp_sha, *, shard_size,
     dims = (model.config.text_config.hidden_size, model.config.video_config.hidden_size)
     order = [i for s in todo for i in range(s * shard_size, min((s + 1) * shard_size, len(paths)))]
     results = run_clips(paths, order, model, processor, num_frames=num_frames, fps=fps, batch_size=batch_size,
-                   num_workers=num_workers, pooled=pooled, stats=stats, progress=progress)
+                        num_workers=num_workers, pooled=pooled, stats=stats, progress=progress)
     buf: list[ClipResult] = []
     try:
         for r in results:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .session import norm_args
 from .workers import ClipDataset, collate, default_workers, worker_init
 
 __all__ = ["ClipResult", "PipelineStats", "Encoder", "run_clips"]
@@ -57,11 +56,13 @@ class PipelineStats:
 
 class Encoder:
     """Launches a batch on the model's device without waiting for it; collects it one batch later, so
-    the device works on batch i while the host fetches batch i+1."""
+    the device works on batch i while the host fetches batch i+1. ``launch`` takes a batch as
+    :func:`pevideo.embed.workers.collate` makes it; ``collect`` returns its :class:`ClipResult` list
+    (``bench/bench_embed.py`` times the encoder alone with these two)."""
 
     def __init__(self, model, processor, pooled: bool):
         self.model, self.pooled = model, pooled
-        self.norm = norm_args(processor)
+        self.normalization = processor.normalization
         self.cuda = model.device.type == "cuda"
 
     @torch.inference_mode()
@@ -70,10 +71,10 @@ class Encoder:
             return batch, None, None
         # Videos stay on the host (pinned): the model copies them over without blocking, and checks the
         # mask on the host, so nothing here waits for the device.
-        out = self.model.video_encoder.forward_uint8(batch["videos"], batch["mask"], **self.norm)
-        tensors = [self.model.video_head(out.pooler_output)]
+        out = self.model.get_video_features_uint8(batch["videos"], batch["mask"], self.normalization)
+        tensors = [out.pooler_output]
         if self.pooled:
-            tensors.append(out.pooler_output)
+            tensors.append(out.encoder_pooler_output)
         host = [t.float().to("cpu", non_blocking=True) for t in tensors]
         event = None
         if self.cuda:

@@ -1,123 +1,123 @@
-"""Model, processor, device and dtype for a run: resolved from a checkpoint path or a model object."""
+"""Model, processor, device and dtype for a run, resolved once into one :class:`Session` record.
+
+A run names a checkpoint (folder or Hub id) or passes a model object. From a checkpoint, the device and
+dtype are resolved here, the processor is read from the checkpoint (or PE Video's defaults at the frame
+size its config.json gives, with one warning), and the model loads only when there is work to do. The
+processor's output size is checked against the model's frame size from the settings alone.
+"""
 from __future__ import annotations
 
-import math
 import os
-import warnings
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ..loading import parse_dtype
-from .workers import to_model_frames
+from ..loading import resolve_checkpoint, resolve_device, resolve_dtype
+from ..processing import Normalization, PeVideoVideoProcessor, checkpoint_frame_size, sampling
 
-__all__ = ["load_model", "load_processor", "DEFAULT_NUM_FRAMES"]
+__all__ = ["Session", "open_session", "load_model", "load_processor", "check_sampling", "DEFAULT_NUM_FRAMES"]
 
 DEFAULT_NUM_FRAMES = 16
 
 
-def resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but CUDA is not available here")
-    return device
+@dataclass
+class Session:
+    """What a run encodes with. ``source``: the checkpoint folder, or the model object given;
+    ``checkpoint``: the folder the weights (and processor, tokenizer) come from, None for a model built
+    in memory; ``frame_size``: (h, w) the model takes. :meth:`model` loads a checkpoint's model once."""
+
+    source: object
+    checkpoint: str | None
+    device: torch.device
+    dtype: torch.dtype
+    fast: bool
+    processor: PeVideoVideoProcessor
+    frame_size: tuple[int, int]
+    _model: object = None
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.processor.normalization
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def model(self):
+        """The model: the object given, or the checkpoint's, loaded (once) on ``device`` in ``dtype``."""
+        if self._model is None:
+            from ..modeling import PeVideoModel
+
+            self._model = PeVideoModel.from_pretrained(self.checkpoint, fast=self.fast, dtype=self.dtype,
+                                                       device=self.device)
+        return self._model
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """None/"auto": bfloat16 on a GPU, float32 on CPU."""
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return parse_dtype(dtype)
+def open_session(model, processor=None, *, device=None, dtype=None, fast: bool | None = None) -> Session:
+    """Resolve a run's model, processor, device and dtype once.
+
+    ``model``: a checkpoint folder / Hub id, or a :class:`pevideo.PeVideoModel` (then ``device``,
+    ``dtype``, ``fast`` are the model's own and the arguments are ignored). ``device``: see
+    :func:`pevideo.loading.resolve_device` ("auto"/None: CUDA when available). ``dtype``: "auto"/None
+    is bfloat16 on a GPU and float32 on CPU (see :func:`pevideo.loading.resolve_dtype`). ``fast``:
+    default on a GPU (on CPU the kernels would run in Triton's slow interpreter). ``processor``: a
+    :class:`pevideo.PeVideoVideoProcessor`, a folder to read one from, or None: the checkpoint's (see
+    :func:`load_processor`). Raises ValueError when the processor's frames don't fit the model.
+    """
+    from ..modeling import PeVideoModel
+
+    if isinstance(model, (str, os.PathLike)):
+        session = _checkpoint_session(model, device, dtype, fast)
+    elif isinstance(model, PeVideoModel):
+        session = Session(
+            source=model, checkpoint=getattr(model, "name_or_path", None), device=model.device, dtype=model.dtype,
+            fast=model.fast, processor=None,
+            frame_size=tuple(model.video_encoder.vit.args.img_size), _model=model,
+        )
+    else:
+        raise TypeError(f"model must be a pevideo PeVideoModel or a checkpoint path, got {type(model).__name__}")
+    session.processor = load_processor(processor, session.checkpoint, session.frame_size)
+    got = session.processor.output_size
+    if got is None or tuple(got) != tuple(session.frame_size):
+        made = "frames of the input's size (no resize)" if got is None else f"{got[0]}x{got[1]} frames"
+        h, w = session.frame_size
+        raise ValueError(f"the processor makes {made} but the model takes {h}x{w}")
+    return session
+
+
+def load_processor(processor, checkpoint, frame_size) -> PeVideoVideoProcessor:
+    """``processor`` as given (an object, or a folder to read it from); None: the checkpoint's own
+    (:meth:`PeVideoVideoProcessor.from_pretrained`, which falls back to PE Video's preprocessing at the
+    checkpoint's frame size with one warning); for a model with no checkpoint folder, PE Video's
+    preprocessing at ``frame_size``, with one warning."""
+    if isinstance(processor, PeVideoVideoProcessor):
+        return processor
+    if processor is not None:
+        if not isinstance(processor, (str, os.PathLike)):
+            raise TypeError(f"processor must be a PeVideoVideoProcessor or a folder, got {type(processor).__name__}")
+        return PeVideoVideoProcessor.from_pretrained(processor)
+    if checkpoint is not None:
+        return PeVideoVideoProcessor.from_pretrained(checkpoint)
+    return PeVideoVideoProcessor.pe_default(frame_size, "no processor given and the model has no checkpoint folder")
+
+
+def _checkpoint_session(path, device, dtype, fast) -> Session:
+    """A checkpoint's session, processor not yet chosen."""
+    checkpoint = resolve_checkpoint(path)
+    dev = resolve_device(device, default="auto")
+    return Session(
+        source=checkpoint, checkpoint=checkpoint, device=dev, dtype=resolve_dtype(dtype, dev),
+        fast=(dev.type == "cuda") if fast is None else bool(fast), processor=None,
+        frame_size=checkpoint_frame_size(checkpoint),
+    )
 
 
 def load_model(path, *, device=None, dtype=None, fast: bool | None = None):
-    """``PeVideoModel.from_pretrained`` with the pipeline's defaults: CUDA when available, bfloat16 on a
-    GPU and float32 on CPU, fused kernels on a GPU (on CPU they would run in Triton's slow interpreter)."""
-    from ..modeling import PeVideoModel
-
-    device = resolve_device(device)
-    fast = (device.type == "cuda") if fast is None else bool(fast)
-    return PeVideoModel.from_pretrained(path, fast=fast, dtype=resolve_dtype(dtype, device), device=device)
+    """``PeVideoModel.from_pretrained`` with the pipeline's defaults (see :func:`open_session`)."""
+    return _checkpoint_session(path, device, dtype, fast).model()
 
 
-_warned_default_processor: set = set()
-
-
-def load_processor(path, model=None):
-    """The checkpoint's video processor; without a preprocessor config there (e.g. checkpoints written
-    by ``model.save_pretrained``), PE's preprocessing at the model's frame size: mean = std = 0.5,
-    rescale 1/255, antialiased bilinear resize. Says so once per path."""
-    from ..processing import PeVideoVideoProcessor
-
-    if path is not None:
-        try:
-            return PeVideoVideoProcessor.from_pretrained(path)
-        except OSError:
-            if model is None:
-                raise
-    if model is None:
-        raise ValueError("load_processor needs a checkpoint path with a preprocessor config, or the model")
-    h, w = model.video_encoder.vit.args.img_size
-    key = os.fspath(path) if path is not None else None
-    if key not in _warned_default_processor:
-        _warned_default_processor.add(key)
-        where = f"{key} has no preprocessor config" if key else "no processor given"
-        warnings.warn(f"{where}; using PE Video's default preprocessing at {h}x{w} (mean = std = 0.5, rescale 1/255)",
-                      stacklevel=2)
-    return PeVideoVideoProcessor(size={"height": h, "width": w})
-
-
-def norm_args(processor) -> dict:
-    """The processor's rescale + normalize, as ``forward_uint8`` applies them."""
-    mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-    if processor.do_normalize:
-        mean = _three(processor.image_mean)
-        std = _three(processor.image_std)
-    rescale = float(processor.rescale_factor) if processor.do_rescale else 1.0
-    return dict(image_mean=tuple(mean), image_std=tuple(std), rescale_factor=rescale)
-
-
-def _three(v) -> list[float]:
-    return [float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v]
-
-
-def check_processor_size(processor, model) -> None:
-    """Fail before decoding anything when the processor's output size is not the model's frame size."""
-    probe = np.zeros((1, 8, 8, 3), np.uint8)
-    got = tuple(to_model_frames(processor, probe).shape[1:3])
-    want = tuple(model.video_encoder.vit.args.img_size)
-    if got != want:
-        raise ValueError(f"the processor makes {got[0]}x{got[1]} frames but the model takes {want[0]}x{want[1]}")
-
-
-def check_sampling(num_frames, fps):
-    if num_frames is not None and fps is not None:
-        raise ValueError("give num_frames or fps, not both")
-    if num_frames is None and fps is None:
-        num_frames = DEFAULT_NUM_FRAMES
-    if num_frames is not None and (isinstance(num_frames, bool) or int(num_frames) != num_frames or num_frames < 1):
-        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
-    if fps is not None and not (float(fps) > 0 and math.isfinite(float(fps))):
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
-    return (int(num_frames) if num_frames is not None else None), (float(fps) if fps is not None else None)
-
-
-def model_and_processor(model, processor, device, dtype, fast):
-    """(model, processor, checkpoint folder or None) from a model object or a checkpoint path."""
-    from ..modeling import PeVideoModel
-
-    path = None
-    if isinstance(model, (str, os.PathLike)):
-        from ..loading import resolve_checkpoint
-
-        path = resolve_checkpoint(model)
-        model = load_model(path, device=device, dtype=dtype, fast=fast)
-    elif not isinstance(model, PeVideoModel):
-        raise TypeError(f"model must be a pevideo PeVideoModel or a checkpoint path, got {type(model).__name__}")
-    if processor is None or isinstance(processor, (str, os.PathLike)):
-        processor = load_processor(processor if processor is not None else path, model)
-    check_processor_size(processor, model)
-    return model, processor, path
-
+def check_sampling(num_frames, fps) -> tuple[int | None, float | None]:
+    """(num_frames, fps) of a run, checked by :func:`pevideo.processing.sampling`; neither given: 16 frames."""
+    kind, value = sampling(num_frames, fps) or ("n", DEFAULT_NUM_FRAMES)
+    return (value, None) if kind == "n" else (None, value)

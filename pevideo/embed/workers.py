@@ -5,21 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 __all__ = ["ClipDataset", "collate", "default_workers"]
 
 
-def to_model_frames(processor, frames: np.ndarray) -> torch.Tensor:
-    """Decoded uint8 frames (T, H, W, 3) -> resized uint8 (T, S, S, 3), exactly the processor's resize/crop."""
-    clip = processor(frames, do_sample_frames=False, do_rescale=False, do_normalize=False,
-                     input_data_format="channels_last")["pixel_values_videos"][0]
-    return clip.permute(0, 2, 3, 1).contiguous()
-
-
 class ClipDataset(torch.utils.data.Dataset):
-    """Item i: the decoded, resized clip of ``paths[i]``, or the reason it could not be read."""
+    """Item i: the decoded clip of ``paths[i]`` resized by ``processor.resize_frames`` (uint8 (T, S, S, 3),
+    a channels-last view; normalizing is the model's job), or the reason it could not be read."""
 
     def __init__(self, paths: Sequence[str], processor, num_frames: int | None, fps: float | None):
         self.paths, self.processor, self.num_frames, self.fps = paths, processor, num_frames, fps
@@ -33,7 +26,7 @@ class ClipDataset(torch.utils.data.Dataset):
         path = self.paths[i]
         try:
             frames, meta = load_video(path, num_frames=self.num_frames, fps=self.fps)
-            clip = to_model_frames(self.processor, frames)
+            clip = self.processor.resize_frames(frames)
             return dict(index=i, path=path, frames=clip, total=int(meta.total_num_frames),
                         indices=list(meta.frames_indices), error=None)
         except Exception as exc:  # one unreadable video is that video's problem, not the run's
