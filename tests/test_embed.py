@@ -244,6 +244,40 @@ def test_embed_videos_api_unequal_lengths(media, reference):
     gen.close()
 
 
+def test_model_object_uses_its_checkpoints_processor(media, tmp_path):
+    """A model loaded with from_pretrained and passed as an object: its checkpoint's processor config is
+    used, with no warning (it used to warn "no processor given" and use the defaults)."""
+    import shutil
+    import warnings
+
+    import pevideo
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(media["ckpt"], ckpt)
+    own = pevideo.PeVideoVideoProcessor(size={"height": 64, "width": 64}, image_mean=[0.4, 0.45, 0.5],
+                                        image_std=[0.2, 0.25, 0.3])
+    own.save_pretrained(ckpt)
+    model = pevideo.PeVideoModel.from_pretrained(ckpt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        results = list(embed_videos(media["good"][:2], model, num_frames=NF, num_workers=0))
+    with torch.no_grad():
+        for r in results:
+            frames, _ = pevideo.load_video(r.path, num_frames=NF)
+            want = model.get_video_features(**own(frames, return_tensors="pt", do_sample_frames=False)).pooler_output[0]
+            torch.testing.assert_close(r.video_embeds, want, atol=ATOL, rtol=RTOL)
+
+
+def test_cli_device_and_help(media, tmp_path, capsys):
+    # A device torch does not know is a usage error (one line, exit 2), not a crash with a traceback.
+    assert embed(media["order"][0], "--model", media["ckpt"], "--out", tmp_path / "x", "--device", "tpu") == 2
+    err = capsys.readouterr().err
+    assert "not a device: 'tpu'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        cli.main(["classify", "--help"])
+    assert "tokenizer" in capsys.readouterr().out
+
+
 def test_classify(media, reference, tmp_path, capsys):
     import pevideo
     from transformers import AutoTokenizer

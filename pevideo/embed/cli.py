@@ -66,7 +66,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("classify", help="zero-shot: per-clip probability of each text label",
                        description="Score clips against text labels: sigmoid(video · text · scale + bias), as PE "
-                       "Video's quickstart. Prints a table, or writes CSV / JSON.")
+                       "Video's quickstart. Prints a table, or writes CSV / JSON. Needs the checkpoint's text "
+                       "tokenizer (tokenizer.json / tokenizer_config.json) in the --model folder: "
+                       "model.save_pretrained writes none; save it there with "
+                       "AutoTokenizer.from_pretrained(<the checkpoint the weights come from>).save_pretrained(folder) "
+                       "(README: Your own or an offline checkpoint).")
     p.add_argument("inputs", nargs="+", metavar="VIDEO", help="video files, folders, or list files")
     p.add_argument("--labels", nargs="+", default=None, help='text labels, e.g. "a person playing tennis" "a cat sleeping"')
     p.add_argument("--labels-file", default=None, help="labels, one per line")
