@@ -33,7 +33,6 @@ N clips and the ``errors`` as JSON. Failed videos have no row.
 from .api import ClassifyResult, classify_videos, embed_to_file, embed_videos
 from .encode import ClipResult, PipelineStats
 from .inputs import expand_inputs
-from .session import load_model, load_processor
 from .store import Embeddings, EmbedSummary, ManifestMismatchError, merge_shards, read_embeddings
 
 __all__ = [
@@ -43,8 +42,6 @@ __all__ = [
     "read_embeddings",
     "merge_shards",
     "expand_inputs",
-    "load_model",
-    "load_processor",
     "ClipResult",
     "ClassifyResult",
     "Embeddings",
