@@ -69,9 +69,10 @@ def open_session(model, processor=None, *, device=None, dtype=None, fast: bool |
     if isinstance(model, (str, os.PathLike)):
         session = _checkpoint_session(model, device, dtype, fast)
     elif isinstance(model, PeVideoModel):
+        folder = getattr(model, "name_or_path", None)  # set by from_pretrained
         session = Session(
-            source=model, checkpoint=getattr(model, "name_or_path", None), device=model.device, dtype=model.dtype,
-            fast=model.fast, processor=None,
+            source=model, checkpoint=folder if folder and os.path.isdir(folder) else None, device=model.device,
+            dtype=model.dtype, fast=model.fast, processor=None,
             frame_size=tuple(model.video_encoder.vit.args.img_size), _model=model,
         )
     else:
