@@ -1,6 +1,6 @@
 """End to end: mp4 files to an embeddings file with ``pevideo embed``'s pipeline, per decoder-worker count.
 
-For each worker count it runs :func:`pevideo.pipeline.embed_to_file` (decode + resize in worker
+For each worker count it runs :func:`pevideo.embed_to_file` (decode + resize in worker
 processes, encode, write safetensors shards, join) and reports:
 
 * clips/s and frames/s end to end (wall clock, from the file list to the joined file on disk);
@@ -112,13 +112,14 @@ class GpuSampler:
 
 def encode_only(model, processor, paths, num_frames, batch_size, device, budget_s=10.0) -> float:
     """The encoder's clips/s on one already-decoded batch, fed again and again (its ceiling)."""
-    from pevideo.pipeline import _ClipDataset, _collate, _Encoder
+    from pevideo.embed.encode import Encoder
+    from pevideo.embed.workers import ClipDataset, collate
 
-    ds = _ClipDataset(paths, processor, num_frames, None)
-    batch = _collate([ds[i % len(paths)] for i in range(batch_size)])
+    ds = ClipDataset(paths, processor, num_frames, None)
+    batch = collate([ds[i % len(paths)] for i in range(batch_size)])
     if device.type == "cuda":
         batch["videos"] = batch["videos"].pin_memory()
-    enc = _Encoder(model, processor, pooled=False)
+    enc = Encoder(model, processor, pooled=False)
     enc.collect(enc.launch(batch))  # warm-up (kernel compilation, allocator)
     n, t0 = 0, time.perf_counter()
     pending = enc.launch(batch)
@@ -135,12 +136,13 @@ def encode_only(model, processor, paths, num_frames, batch_size, device, budget_
 
 def run(args) -> dict:
     from pevideo import PeVideoVideoProcessor
-    from pevideo.pipeline import _resolve_dtype, embed_to_file, expand_inputs
+    from pevideo import embed_to_file, expand_inputs
+    from pevideo.loading import resolve_dtype
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     preset = args.preset or ("pe-av-large" if gpu else "tiny")
-    dtype = _resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)
     fast = gpu if args.fast is None else args.fast
     workers = [int(w) for w in (args.workers or ("0,4,8," + str(max(1, (os.cpu_count() or 2) - 1)) if gpu
                                                  else "0,1")).split(",")]

@@ -6,20 +6,8 @@ the video tower through pevideo's fused Triton kernels where they can run.
 from .dispatch import PeVideoKernelFallbackWarning
 from .loading import CheckpointMismatchError
 from .modeling import PeVideoEncoder, PeVideoModel, PeVideoOutput, kernel_report
-from .pipeline import (
-    ClassifyResult,
-    ClipResult,
-    Embeddings,
-    EmbedSummary,
-    ManifestMismatchError,
-    PipelineStats,
-    classify_videos,
-    embed_to_file,
-    embed_videos,
-    expand_inputs,
-    merge_shards,
-    read_embeddings,
-)
+from .embed import *  # noqa: F403 (the embedding pipeline's API, listed in pevideo.embed.__all__)
+from .embed import __all__ as _embed_all
 from .processing import PeVideoProcessor, PeVideoVideoProcessor
 from .video import VideoMetadata, load_video
 
@@ -34,18 +22,7 @@ __all__ = [
     "VideoMetadata",
     "PeVideoVideoProcessor",
     "PeVideoProcessor",
-    "embed_videos",
-    "embed_to_file",
-    "classify_videos",
-    "read_embeddings",
-    "merge_shards",
-    "expand_inputs",
-    "ClipResult",
-    "ClassifyResult",
-    "Embeddings",
-    "EmbedSummary",
-    "PipelineStats",
-    "ManifestMismatchError",
     "PeVideoKernelFallbackWarning",
     "CheckpointMismatchError",
+    *_embed_all,
 ]

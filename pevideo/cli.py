@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
 
-    from . import embed_cli
+    from .embed import cli as embed_cli
 
     embed_cli.register(sub)  # embed, classify, merge
     return parser

@@ -15,7 +15,8 @@ import torch
 
 from .config import config_from_dict, load_config_dict
 
-__all__ = ["PretrainedMixin", "CheckpointMismatchError", "read_state_dict", "resolve_checkpoint"]
+__all__ = ["PretrainedMixin", "CheckpointMismatchError", "read_state_dict", "resolve_checkpoint", "resolve_device",
+           "resolve_dtype", "parse_dtype"]
 
 _HEAD_KEY = "embedder.vision_model.timm_model.head.weight"
 _SAFE_INDEX = "model.safetensors.index.json"
@@ -126,24 +127,46 @@ def parse_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype must be 'auto', a torch dtype or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
 
 
-def _resolve_dtype(dtype, stored: torch.dtype) -> torch.dtype:
-    return stored if dtype is None or dtype == "auto" else parse_dtype(dtype)
+def resolve_dtype(dtype, device: torch.device | None = None, stored: torch.dtype | None = None) -> torch.dtype:
+    """The one reading of a ``dtype`` argument: a torch dtype or a name in ``DTYPE_NAMES`` as such.
+    None or "auto": ``stored`` when given (``from_pretrained``: the checkpoint's own dtype, as in
+    transformers), else the pipeline's choice for ``device``: bfloat16 on a GPU, float32 on CPU."""
+    if dtype is None or dtype == "auto":
+        if stored is not None:
+            return stored
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    return parse_dtype(dtype)
 
 
-def _resolve_device(device, device_map) -> torch.device | None:
-    target = device if device is not None else device_map
-    if target is None:
+def resolve_device(device, default=None) -> torch.device | None:
+    """The one reading of a ``device`` argument. "auto": CUDA when available, else CPU; None: ``default``
+    (``from_pretrained``: None, the model stays where it is built, on CPU; the pipeline: "auto"); an int:
+    that CUDA device; anything else as ``torch.device`` reads it. A name torch does not know, or CUDA
+    where there is none, raises ValueError."""
+    if device is None:
+        device = default
+    if device is None:
         return None
-    if target == "auto":
+    if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device("cuda", device) if isinstance(device, int) and not isinstance(device, bool) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a device: {device!r} (give cpu, cuda, cuda:N or auto): {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def _map_device(device, device_map):
+    """from_pretrained's ``device``, or a ``device_map`` that names one device for everything."""
+    target = device if device is not None else device_map
     if isinstance(target, dict):
         devices = set(target.values())
         if len(devices) != 1:
             raise ValueError("pevideo places the whole model on one device; give device='cuda:0' (or device_map='auto')")
         target = devices.pop()
-    if isinstance(target, int):
-        return torch.device("cuda", target)
-    return torch.device(target)
+    return resolve_device(target)
 
 
 def _load_checked(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -212,9 +235,10 @@ class PretrainedMixin:
         model = cls(config, fast=fast, compile=compile, num_classes=num_classes)
         _load_checked(model, state, path)
         model.ignored_checkpoint_keys = ignored
-        target_dtype = _resolve_dtype(torch_dtype if torch_dtype is not None else dtype, _stored_dtype(state))
+        model.name_or_path = path  # where the processor and tokenizer of this model are
+        target_dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, stored=_stored_dtype(state))
         del state
-        model.to(device=_resolve_device(device, device_map), dtype=target_dtype)
+        model.to(device=_map_device(device, device_map), dtype=target_dtype)
         return model.eval()
 
     def _export_config(self) -> dict:

@@ -18,6 +18,7 @@ from transformers.models.pe_video.modeling_pe_video import PeVideoOutput
 from .config import vit_args
 from .dispatch import Ops
 from .loading import PretrainedMixin
+from .processing import Normalization
 from .rope import rope_1d
 from .vit import VisionModel, compiled_block_fns
 
@@ -56,6 +57,19 @@ def _check_uint8_videos(videos, img_size) -> None:
     if videos.shape[0] == 0 or videos.shape[1] == 0:
         raise ValueError(f"videos is empty: {tuple(videos.shape)}")
     _check_frame_size(videos.shape[2], videos.shape[3], img_size)
+
+
+def _normalization(normalization, image_mean, image_std, rescale_factor) -> Normalization:
+    """One checked :class:`Normalization` from the record or the three settings (PE's for those not given)."""
+    loose = {k: v for k, v in (("mean", image_mean), ("std", image_std), ("rescale", rescale_factor)) if v is not None}
+    if normalization is None:
+        return Normalization(**loose)
+    if loose:
+        raise ValueError("give normalization or image_mean / image_std / rescale_factor, not both")
+    if not isinstance(normalization, Normalization):
+        raise TypeError(f"normalization must be a pevideo Normalization (processor.normalization), "
+                        f"got {type(normalization).__name__}")
+    return normalization
 
 
 def _check_mask(m, b: int, t: int, device):
@@ -362,20 +376,25 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         self,
         videos: torch.Tensor,
         padding_mask_videos: torch.Tensor | None = None,
+        normalization: Normalization | None = None,
         *,
-        image_mean=(0.5, 0.5, 0.5),
-        image_std=(0.5, 0.5, 0.5),
-        rescale_factor: float = 1 / 255,
+        image_mean=None,
+        image_std=None,
+        rescale_factor: float | None = None,
     ) -> BaseModelOutputWithPooling:
         """:meth:`forward` on resized uint8 frames ``videos`` (batch, frames, S, S, 3), normalizing inside
-        the patchify op: ``(x * rescale_factor - mean) / std`` per channel, as the processor would. Saves
-        building (and copying to the GPU) a float32 ``pixel_values_videos``."""
+        the patchify op: ``(x * rescale - mean) / std`` per channel, as the processor would. Saves
+        building (and copying to the GPU) a float32 ``pixel_values_videos``.
+
+        ``normalization``: a :class:`pevideo.processing.Normalization` (``processor.normalization``);
+        default PE Video's. Or give ``image_mean`` / ``image_std`` / ``rescale_factor`` instead. Checked:
+        a zero, negative or non-finite std (or a wrong number of channels) raises ValueError."""
+        norm = _normalization(normalization, image_mean, image_std, rescale_factor)
         self._ops.reset()
         _check_uint8_videos(videos, self.vit.args.img_size)
         b, t = videos.shape[:2]
         mask, real = _check_mask(padding_mask_videos, b, t, videos.device)
-        norm = dict(mean=tuple(image_mean), std=tuple(image_std), rescale=float(rescale_factor))
-        return self._run(videos.reshape(b * t, *videos.shape[2:]), b, t, mask, real, norm)
+        return self._run(videos.reshape(b * t, *videos.shape[2:]), b, t, mask, real, norm.as_kwargs())
 
 
 class ContrastiveHead(nn.Module):
@@ -432,13 +451,14 @@ class PeVideoModel(PretrainedMixin, nn.Module):
         out.pooler_output = self.video_head(out.pooler_output)
         return out if return_dict is not False else out.to_tuple()
 
-    def get_video_features_uint8(self, videos, padding_mask_videos=None, *, image_mean=(0.5, 0.5, 0.5),
-                                 image_std=(0.5, 0.5, 0.5), rescale_factor: float = 1 / 255):
-        """:meth:`get_video_features` on resized uint8 frames (batch, frames, S, S, 3); see
-        :meth:`PeVideoEncoder.forward_uint8`."""
-        out = self.video_encoder.forward_uint8(
-            videos, padding_mask_videos, image_mean=image_mean, image_std=image_std, rescale_factor=rescale_factor
-        )
+    def get_video_features_uint8(self, videos, padding_mask_videos=None, normalization=None, *, image_mean=None,
+                                 image_std=None, rescale_factor=None):
+        """:meth:`get_video_features` on resized uint8 frames (batch, frames, S, S, 3), normalized by
+        ``normalization`` (``processor.normalization``); see :meth:`PeVideoEncoder.forward_uint8`. The
+        video encoder's own pooled output (before the head) stays at ``encoder_pooler_output``."""
+        out = self.video_encoder.forward_uint8(videos, padding_mask_videos, normalization, image_mean=image_mean,
+                                               image_std=image_std, rescale_factor=rescale_factor)
+        out.encoder_pooler_output = out.pooler_output
         out.pooler_output = self.video_head(out.pooler_output)
         return out
 

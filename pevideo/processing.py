@@ -6,37 +6,41 @@ antialiased bilinear on uint8 (the same ``torch.nn.functional.interpolate`` call
 no torchvision is needed), then ``(x − mean·255) / (std·255)`` in float32 as transformers' fused
 rescale+normalize computes it. Where it differs, it is on purpose (see the class docstring).
 
-:class:`PeVideoProcessor` pairs it with the checkpoint's tokenizer.
+:class:`PeVideoProcessor` pairs it with the checkpoint's tokenizer. The frame-level steps (input forms,
+sampling, resize, crop) are in :mod:`pevideo.frames`; config files and tokenizers in
+:mod:`pevideo.processor_files`.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import platform
 import warnings
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .video import (
-    VideoMetadata,
-    _check_fps,
-    _check_num_frames,
-    _read_video,
-    _source_name,
-    uniform_indices,
-    upstream_fps_indices,
+from .frames import (
+    as_tensor,
+    center_crop,
+    channels_first,
+    decode_sources,
+    resize_uint8,
+    sample_array,
+    size_hw,
+    split_clips,
 )
+from .processor_files import (
+    VIDEO_PROCESSOR_NAME,
+    NoProcessorConfig,
+    checkpoint_frame_size,
+    load_tokenizer,
+    load_video_config,
+)
+from .video import _check_fps, _check_num_frames
 
-__all__ = ["PeVideoVideoProcessor", "PeVideoProcessor"]
-
-VIDEO_PROCESSOR_NAME = "video_preprocessor_config.json"
-PROCESSOR_NAME = "processor_config.json"
-IMAGE_PROCESSOR_NAME = "preprocessor_config.json"
+__all__ = ["PeVideoVideoProcessor", "PeVideoProcessor", "Normalization", "sampling", "checkpoint_frame_size",
+           "load_tokenizer"]
 
 # PIL resampling codes, as preprocessor configs store them.
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}
@@ -66,173 +70,64 @@ _UPSTREAM_DEFAULTS = dict(
     do_center_crop=None, crop_size=None, default_to_square=True, return_metadata=False,
 )
 _HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
-
-
-# --------------------------------------------------------------------------------------------------
-# Resize, crop, normalize: the tensor ops transformers/torchvision run, without torchvision
-# --------------------------------------------------------------------------------------------------
-def _native_uint8_resize(mode: str, device: torch.device) -> bool:
-    """Whether torchvision resizes uint8 directly (else via float32 and rounding), as it decides."""
-    if device.type != "cpu":
-        return False
-    if mode == "bilinear":  # torchvision's rule: the uint8 kernel is only faster with these
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
-    return True
-
-
-def resize_uint8(frames: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize uint8 frames (T, C, H, W) to ``size`` = (h, w) exactly as torchvision's ``resize`` does.
-
-    Antialiased bilinear (or bicubic), align_corners=False. On CPU with AVX2/AVX512 (or ARM) the uint8
-    kernel runs directly; elsewhere (other CPUs, GPUs) in float32, rounded back to uint8. Same device,
-    same result as upstream. Returns uint8 (T, C, h, w); the input itself when the size already matches.
-    """
-    if tuple(frames.shape[-2:]) == tuple(size):
-        return frames
-    if _native_uint8_resize(mode, frames.device):
-        return F.interpolate(frames, size=list(size), mode=mode, align_corners=False, antialias=True)
-    x = F.interpolate(frames.to(torch.float32), size=list(size), mode=mode, align_corners=False, antialias=True)
-    if mode == "bicubic":
-        x = x.clamp_(0, 255)  # bicubic overshoots; bilinear's weights are all positive
-    return x.round_().to(torch.uint8)
-
-
-def _center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """transformers' center crop on (T, C, H, W): zero-pad if smaller, then crop at int((H − h)/2)."""
-    ch, cw = size
-    h, w = frames.shape[-2:]
-    if ch > h or cw > w:
-        pad_w = (cw - w) if cw > w else 0
-        pad_h = (ch - h) if ch > h else 0
-        frames = F.pad(frames, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
-        h, w = frames.shape[-2:]
-        if (ch, cw) == (h, w):
-            return frames
-    top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
-    return frames[..., top : top + ch, left : left + cw]
+_warned_defaults: set = set()  # PE-default warnings already given, by what was missing
 
 
 def _channel_list(v, name):
     if isinstance(v, (int, float)):
         return [float(v)] * 3
-    vals = [float(x) for x in v]
+    try:
+        vals = [float(x) for x in v]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} needs 3 numbers (one per RGB channel), got {v!r}") from None
     if len(vals) != 3:
         raise ValueError(f"{name} needs 3 values (one per RGB channel), got {vals}")
     return vals
 
 
-# --------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------
-def _is_array(x):
-    return isinstance(x, (np.ndarray, torch.Tensor))
+@dataclass(frozen=True)
+class Normalization:
+    """How resized uint8 frames become model inputs: ``(x * rescale - mean) / std`` per RGB channel.
+
+    A processor's rescale + normalize settings (:attr:`PeVideoVideoProcessor.normalization`), as
+    :meth:`pevideo.PeVideoModel.get_video_features_uint8` applies them inside the patchify op. The
+    defaults are PE Video's: mean = std = 0.5, rescale 1/255. Checked on creation (ValueError): three
+    finite means, three finite positive stds (0 or NaN would make every output NaN), a finite
+    non-zero rescale.
+    """
+
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    rescale: float = 1 / 255
+
+    def __post_init__(self):
+        mean, std = _channel_list(self.mean, "image_mean"), _channel_list(self.std, "image_std")
+        if not all(math.isfinite(v) for v in mean):
+            raise ValueError(f"image_mean must be finite, got {mean}")
+        if not all(math.isfinite(v) and v > 0 for v in std):
+            raise ValueError(f"image_std must be finite and positive, got {std}")
+        r = self.rescale
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r == 0:
+            raise ValueError(f"rescale_factor must be a finite non-zero number, got {r!r}")
+        object.__setattr__(self, "mean", tuple(mean))
+        object.__setattr__(self, "std", tuple(std))
+        object.__setattr__(self, "rescale", float(r))
+
+    def as_kwargs(self) -> dict:
+        """``mean``, ``std``, ``rescale`` as the patchify op takes them."""
+        return dict(mean=self.mean, std=self.std, rescale=self.rescale)
 
 
-def _is_source(x):
-    return isinstance(x, (str, os.PathLike)) or (hasattr(x, "read") and not _is_array(x))
-
-
-def _split_clips(videos) -> list:
-    """A batch as a list of clips; each clip a path/file object or an array of frames."""
-    if _is_source(videos):
-        return [videos]
-    if _is_array(videos):
-        if videos.ndim == 5:
-            return list(videos)
-        if videos.ndim == 4:
-            return [videos]
-        if videos.ndim == 3:  # a single frame
-            return [videos[None]]
-        raise ValueError(f"videos must be (T, H, W, 3) frames or a (B, T, H, W, 3) batch, got shape {tuple(videos.shape)}")
-    if isinstance(videos, (list, tuple)):
-        if len(videos) == 0:
-            raise ValueError("no videos given (empty list)")
-        if all(_is_array(v) and v.ndim == 3 for v in videos):  # one clip given as a list of frames
-            return [_stack_frames(videos, 0)]
-        clips = []
-        for i, v in enumerate(videos):
-            if _is_source(v) or (_is_array(v) and v.ndim == 4):
-                clips.append(v)
-            elif isinstance(v, (list, tuple)) and v and all(_is_array(f) and f.ndim == 3 for f in v):
-                clips.append(_stack_frames(v, i))
-            elif isinstance(v, (list, tuple)) and len(v) == 0:
-                raise ValueError(f"video {i} has no frames")
-            else:
-                what = f"shape {tuple(v.shape)}" if _is_array(v) else type(v).__name__
-                raise ValueError(
-                    f"video {i}: expected a path, a file object, (T, H, W, 3) frames or a list of (H, W, 3) frames; got {what}"
-                )
-        return clips
-    raise ValueError(
-        "videos must be a path, a file object, a (T, H, W, 3) uint8 array/tensor, or a list of these; "
-        f"got {type(videos).__name__}"
-    )
-
-
-def _stack_frames(frames, i):
-    shapes = {tuple(f.shape) for f in frames}
-    if len(shapes) != 1:
-        raise ValueError(f"video {i}: its frames have different shapes {sorted(shapes)}")
-    if all(isinstance(f, torch.Tensor) for f in frames):
-        return torch.stack(list(frames))
-    return np.stack([np.asarray(f) for f in frames])
-
-
-def _as_tensor(arr) -> torch.Tensor:
-    if isinstance(arr, torch.Tensor):
-        return arr
-    if any(s < 0 for s in arr.strides):
-        arr = np.ascontiguousarray(arr)
-    with warnings.catch_warnings():  # read-only arrays (e.g. from np.broadcast_to) are only read here
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
-
-
-def _channels_first(clip: torch.Tensor, i: int, input_data_format) -> torch.Tensor:
-    """(T, H, W, C) or (T, C, H, W) uint8 -> (T, C, H, W) view, checking dtype and channels."""
-    if clip.dtype != torch.uint8:
-        raise ValueError(
-            f"video {i}: frames must be uint8 (0..255) as decoded, got {clip.dtype}; "
-            "float frames are ambiguous (0..1 or 0..255), convert them to uint8 first"
-        )
-    if clip.ndim != 4:
-        raise ValueError(f"video {i}: expected (T, H, W, 3) frames, got shape {tuple(clip.shape)}")
-    fmt = input_data_format.value if hasattr(input_data_format, "value") else input_data_format
-    if fmt is None:
-        first, last = clip.shape[1] in (1, 3), clip.shape[3] in (1, 3)
-        if first and last:
-            # transformers' choice when both fit; pass input_data_format to say otherwise
-            warnings.warn(f"video {i}: shape {tuple(clip.shape)} is ambiguous; reading it as (T, C, H, W)")
-            fmt = "channels_first"
-        elif last:
-            fmt = "channels_last"
-        elif first:
-            fmt = "channels_first"
-        else:
-            raise ValueError(
-                f"video {i}: expected RGB frames (T, H, W, 3), got shape {tuple(clip.shape)} "
-                f"(channels would be {clip.shape[3]}); convert to 3-channel RGB first"
-            )
-    if fmt == "channels_last":
-        clip = clip.permute(0, 3, 1, 2)
-    elif fmt != "channels_first":
-        raise ValueError(f"input_data_format must be 'channels_last' or 'channels_first', got {input_data_format!r}")
-    if clip.shape[1] not in (1, 3):
-        raise ValueError(f"video {i}: frames have {clip.shape[1]} channels; give RGB (3) or grayscale (1)")
-    if clip.shape[0] == 0:
-        raise ValueError(f"video {i} has no frames")
-    if clip.shape[2] == 0 or clip.shape[3] == 0:
-        raise ValueError(f"video {i}: frames are empty ({clip.shape[2]}x{clip.shape[3]})")
-    return clip
-
-
-def _meta_get(meta, key):
-    """A field of video metadata given as a mapping (dict, ours) or an object (transformers')."""
-    if meta is None:
-        return None
-    if isinstance(meta, Mapping):
-        return meta.get(key)
-    return getattr(meta, key, None)
+def sampling(num_frames=None, fps=None):
+    """The one rule for a call's ``num_frames`` / ``fps``: ``("n", n)``, ``("fps", f)`` or None (neither
+    given). Refuses both at once, and values that are not a positive int / a positive finite number."""
+    if num_frames is not None and fps is not None:
+        raise ValueError("give num_frames or fps, not both")
+    if num_frames is not None:
+        return ("n", _check_num_frames(num_frames))
+    if fps is not None:
+        return ("fps", _check_fps(fps))
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,14 +213,43 @@ class PeVideoVideoProcessor:
         entry, then ``video_preprocessor_config.json``, then ``preprocessor_config.json``. Keyword
         arguments that name a setting override the file; ``cache_dir``, ``revision``, ``token``,
         ``local_files_only``, ``subfolder`` go to the download.
+
+        A checkpoint folder without any of these (as ``model.save_pretrained`` writes it) gets PE
+        Video's preprocessing at the checkpoint's frame size (from its ``config.json``), with one
+        warning naming what was assumed; write the real settings next to the checkpoint with
+        ``processor.save_pretrained(path)`` to silence it. Raises OSError when there is neither.
         """
         hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
         unknown = set(kwargs) - set(_CONFIG_KEYS)
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}; known: {list(_CONFIG_KEYS)}")
+        try:
+            file_config = load_video_config(pretrained_model_name_or_path, **hub)
+        except NoProcessorConfig:
+            size = checkpoint_frame_size(pretrained_model_name_or_path)
+            if size is None:
+                raise
+            return cls.pe_default(size, f"{os.fspath(pretrained_model_name_or_path)} has no video processor config",
+                                  **kwargs)
         # A key the file leaves out means what it means upstream (mostly: off), not our defaults.
-        config = {**_UPSTREAM_DEFAULTS, **_load_video_config(pretrained_model_name_or_path, **hub), **kwargs}
-        return cls(**config)
+        return cls(**{**_UPSTREAM_DEFAULTS, **file_config, **kwargs})
+
+    @classmethod
+    def pe_default(cls, frame_size: tuple[int, int], why: str, **kwargs) -> "PeVideoVideoProcessor":
+        """PE Video's preprocessing at ``frame_size`` (h, w), for a checkpoint with no processor config:
+        warns once per ``why`` (a phrase saying what was missing) naming every setting assumed."""
+        proc = cls(**{"size": {"height": int(frame_size[0]), "width": int(frame_size[1])}, **kwargs})
+        if why not in _warned_defaults:
+            _warned_defaults.add(why)
+            n = proc.normalization
+            warnings.warn(
+                f"{why}; assuming PE Video's preprocessing: resize to {proc.output_size[0]}x{proc.output_size[1]} "
+                f"(the model's frame size), {_RESAMPLE[proc.resample]} with antialias, rescale 1/255, "
+                f"mean {list(n.mean)}, std {list(n.std)}. Write the real settings next to the checkpoint "
+                "with processor.save_pretrained(path) (see README: Your own or an offline checkpoint)",
+                stacklevel=3,
+            )
+        return proc
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in _CONFIG_KEYS}
@@ -349,7 +273,7 @@ class PeVideoVideoProcessor:
         get = lambda k: kw[k] if kw.get(k) is not None else getattr(self, k)  # noqa: E731
         s = {}
         s["do_resize"] = bool(get("do_resize"))
-        s["size"] = _size_hw(get("size"), get("default_to_square")) if s["do_resize"] else None
+        s["size"] = size_hw(get("size"), get("default_to_square")) if s["do_resize"] else None
         resample = get("resample")
         if hasattr(resample, "value"):  # PILImageResampling / InterpolationMode enums
             resample = resample.value
@@ -361,18 +285,18 @@ class PeVideoVideoProcessor:
             )
         s["mode"] = _RESAMPLE[resample]
         s["do_rescale"] = bool(get("do_rescale"))
-        rf = get("rescale_factor")
-        if s["do_rescale"] and (isinstance(rf, bool) or not isinstance(rf, (int, float)) or not math.isfinite(rf) or rf == 0):
-            raise ValueError(f"rescale_factor must be a finite non-zero number, got {rf!r}")
-        s["rescale_factor"] = rf
+        s["rescale_factor"] = get("rescale_factor")
         s["do_normalize"] = bool(get("do_normalize"))
+        # Checked once, by the record the model takes too; only the settings in use are checked.
+        s["norm"] = norm = Normalization(
+            mean=get("image_mean") if s["do_normalize"] else 0.0,
+            std=get("image_std") if s["do_normalize"] else 1.0,
+            rescale=s["rescale_factor"] if s["do_rescale"] else 1.0,
+        )
         if s["do_normalize"]:
-            s["mean"] = _channel_list(get("image_mean"), "image_mean")
-            s["std"] = _channel_list(get("image_std"), "image_std")
-            if any(v == 0 for v in s["std"]):
-                raise ValueError(f"image_std must be non-zero, got {s['std']}")
+            s["mean"], s["std"] = list(norm.mean), list(norm.std)
         s["do_convert_rgb"] = bool(get("do_convert_rgb"))
-        s["crop"] = _size_hw(get("crop_size"), True) if get("do_center_crop") else None
+        s["crop"] = size_hw(get("crop_size"), True) if get("do_center_crop") else None
         if get("do_center_crop") and s["crop"] is None:
             raise ValueError("do_center_crop needs crop_size")
         fmt = kw.get("data_format")
@@ -383,21 +307,44 @@ class PeVideoVideoProcessor:
 
     def _sampling(self, kw):
         """('n', n), ('fps', f) or None, from the call's and the config's options."""
-        n, fps, dsf = kw.get("num_frames"), kw.get("fps"), kw.get("do_sample_frames")
-        if n is not None and fps is not None:
-            raise ValueError("give num_frames or fps, not both")
-        if dsf is False and (n is not None or fps is not None):
+        dsf = kw.get("do_sample_frames")
+        rule = sampling(kw.get("num_frames"), kw.get("fps"))
+        if dsf is False and rule is not None:
             raise ValueError("do_sample_frames=False contradicts the num_frames/fps given")
-        if n is not None:
-            return ("n", _check_num_frames(n))
-        if fps is not None:
-            return ("fps", _check_fps(fps))
-        if dsf if dsf is not None else self.do_sample_frames:
-            if self.num_frames:  # upstream's order: the config's num_frames, else its fps
-                return ("n", _check_num_frames(self.num_frames))
-            if self.fps:
-                return ("fps", _check_fps(self.fps))
-        return None
+        if rule is None and (dsf if dsf is not None else self.do_sample_frames):
+            # upstream's order: the config's num_frames, else its fps
+            rule = sampling(self.num_frames or None, None) or sampling(None, self.fps or None)
+        return rule
+
+    @property
+    def normalization(self) -> Normalization:
+        """This processor's rescale + normalize, as a :class:`Normalization` (what
+        :meth:`pevideo.PeVideoModel.get_video_features_uint8` takes)."""
+        return self._settings({})["norm"]
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of the frames this processor makes (after resize and crop), or None when
+        it keeps the input's size (no resize, no crop)."""
+        s = self._settings({})
+        return s["crop"] or s["size"]
+
+    @property
+    def resize_settings(self) -> tuple[tuple[int, int] | None, str]:
+        """(size before any crop, or None without resize; resample mode): how this processor resizes,
+        so a decoder can resize each frame as it is decoded (:func:`pevideo.load_video`'s ``size`` /
+        ``resample``) with the same result."""
+        s = self._settings({})
+        return s["size"], s["mode"]
+
+    def resize_frames(self, frames) -> torch.Tensor:
+        """One clip's uint8 frames (T, H, W, 3) to uint8 (T, h, w, 3): this processor's RGB conversion,
+        resize and crop, without sampling or normalizing (pair it with :attr:`normalization` for
+        :meth:`pevideo.PeVideoModel.get_video_features_uint8`). A channels-last view of the resized
+        frames, not a copy."""
+        s = self._settings({})
+        clips, _ = self._load(frames, {"do_sample_frames": False, "input_data_format": "channels_last"}, s)
+        return clips[0].permute(0, 2, 3, 1)
 
     # ---- the pipeline --------------------------------------------------------------------------
     def __call__(self, videos, **kwargs):
@@ -508,23 +455,23 @@ class PeVideoVideoProcessor:
     def _load(self, videos, kw, s):
         """Clips as uint8 (T, 3, h, w) tensors on the target device, sampled, resized, cropped."""
         sampling = self._sampling(kw)
-        items = _split_clips(videos)
+        items = split_clips(videos)
         metadata = kw.get("video_metadata")
         if metadata is not None and not isinstance(metadata, (list, tuple)):
             metadata = [metadata]
         if metadata is not None and len(metadata) != len(items):
             raise ValueError(f"got {len(items)} videos but {len(metadata)} video_metadata entries; give one per video")
         device = kw.get("device")
-        decoded = _decode_sources(items, sampling)
+        decoded = decode_sources(items, sampling)
         clips, metas = [], []
         for i, item in enumerate(items):
             if i in decoded:
                 frames, meta = decoded[i]
                 clip = torch.from_numpy(frames).permute(0, 3, 1, 2)
             else:
-                clip = _channels_first(_as_tensor(item), i, kw.get("input_data_format"))
+                clip = channels_first(as_tensor(item), i, kw.get("input_data_format"))
                 meta_in = metadata[i] if metadata is not None else None
-                clip, meta = _sample_array(clip, sampling, meta_in, i)
+                clip, meta = sample_array(clip, sampling, meta_in, i)
             if device is not None:
                 clip = clip.to(device)
             if clip.shape[1] == 1:
@@ -534,132 +481,10 @@ class PeVideoVideoProcessor:
             if s["size"] is not None:
                 clip = resize_uint8(clip, s["size"], s["mode"])
             if s["crop"] is not None:
-                clip = _center_crop(clip, s["crop"])
+                clip = center_crop(clip, s["crop"])
             clips.append(clip)
             metas.append(meta)
         return clips, metas
-
-
-def _decode_sources(items, sampling) -> dict:
-    """Decode the clips given as files, several at once (PyAV releases the GIL while decoding)."""
-    jobs = {i: item for i, item in enumerate(items) if _is_source(item)}
-
-    def work(item):
-        return _read_video(item, _selector(sampling, _source_name(item)))
-
-    workers = min(len(jobs), os.cpu_count() or 1, 8)
-    # File objects are read one at a time (the same object may appear twice); paths in parallel.
-    if workers <= 1 or not all(isinstance(item, (str, os.PathLike)) for item in jobs.values()):
-        return {i: work(item) for i, item in jobs.items()}
-    with ThreadPoolExecutor(workers) as pool:
-        return dict(zip(jobs, pool.map(work, jobs.values())))
-
-
-def _size_hw(size, default_to_square=True):
-    if size is None:
-        raise ValueError("do_resize needs size, e.g. {'height': 336, 'width': 336}")
-    if isinstance(size, int) and not isinstance(size, bool):
-        if not default_to_square:
-            raise NotImplementedError("size as a shortest edge (default_to_square=False) is not supported")
-        h = w = size
-    elif isinstance(size, (list, tuple)) and len(size) == 2:
-        h, w = size
-    elif isinstance(size, Mapping) and "height" in size and "width" in size:
-        h, w = size["height"], size["width"]
-    else:
-        raise NotImplementedError(f"size={size!r}: only a fixed height and width (PE Video's) is supported")
-    h, w = int(h), int(w)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"size must be positive, got {h}x{w}")
-    return h, w
-
-
-def _selector(sampling, name):
-    def select(total, times, duration, src_fps):
-        if sampling is None:
-            return list(range(total))
-        kind, v = sampling
-        if kind == "n":
-            return uniform_indices(total, v)
-        return upstream_fps_indices(total, src_fps, v, name)
-
-    return select
-
-
-def _sample_array(clip, sampling, meta, i):
-    total = clip.shape[0]
-    declared = _meta_get(meta, "total_num_frames")
-    if declared is not None and int(declared) != total:
-        raise ValueError(
-            f"video {i}: video_metadata says {declared} frames but the clip has {total}; "
-            "give the metadata of the frames passed"
-        )
-    src_fps = _meta_get(meta, "fps")
-    src_fps = float(src_fps) if src_fps else None
-    if sampling is None:
-        indices = list(range(total))
-    elif sampling[0] == "n":
-        indices = uniform_indices(total, sampling[1])
-    else:
-        indices = upstream_fps_indices(total, src_fps, sampling[1], f"video {i}")
-    if indices != list(range(total)):
-        clip = clip[torch.tensor(indices, dtype=torch.long, device=clip.device)]
-    meta_out = VideoMetadata(
-        total_num_frames=total,
-        fps=src_fps,
-        width=int(clip.shape[3]),
-        height=int(clip.shape[2]),
-        duration=(total / src_fps) if src_fps else None,
-        frames_indices=indices,
-        timestamps=[j / src_fps for j in indices] if src_fps else [],
-        source=f"video {i}",
-        video_backend="array",
-    )
-    return clip, meta_out
-
-
-def _load_video_config(path, **hub) -> dict:
-    """The video processor's settings, found where transformers looks for them."""
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return _read_json(path)
-    if os.path.isdir(path):
-        sub = hub.get("subfolder") or ""
-
-        def found(name):
-            p = os.path.join(path, sub, name)
-            return p if os.path.isfile(p) else None
-
-    else:
-        from transformers.utils import cached_file
-
-        def found(name):
-            return cached_file(path, name, _raise_exceptions_for_missing_entries=False, **hub)
-
-    proc = found(PROCESSOR_NAME)
-    if proc is not None:
-        d = _read_json(proc)
-        if isinstance(d.get("video_processor"), dict):
-            return dict(d["video_processor"])
-    for name in (VIDEO_PROCESSOR_NAME, IMAGE_PROCESSOR_NAME):
-        p = found(name)
-        if p is not None:
-            return _read_json(p)
-    raise OSError(
-        f"no video processor config in {path!r}: looked for {PROCESSOR_NAME} (with a 'video_processor' "
-        f"entry), {VIDEO_PROCESSOR_NAME} and {IMAGE_PROCESSOR_NAME}"
-    )
-
-
-def _read_json(path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise OSError(f"cannot read processor config {path}: {exc}") from exc
-    if not isinstance(d, dict):
-        raise OSError(f"processor config {path} is not a JSON object")
-    return d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -681,13 +506,15 @@ class PeVideoProcessor:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "PeVideoProcessor":
-        """The video processor's config and the tokenizer (``AutoTokenizer``) from the same place."""
-        from transformers import AutoTokenizer
+        """The video processor's config and the tokenizer (``AutoTokenizer``) from the same place.
 
+        A checkpoint folder without a processor config gets PE Video's default preprocessing (see
+        :meth:`PeVideoVideoProcessor.from_pretrained`); one without a tokenizer raises ValueError
+        saying where to get one (see :func:`load_tokenizer`)."""
         video_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_KEYS}
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        tokenizer = load_tokenizer(pretrained_model_name_or_path, **kwargs)
         video_processor = PeVideoVideoProcessor.from_pretrained(pretrained_model_name_or_path, **video_kwargs, **hub)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls(video_processor, tokenizer)
 
     def save_pretrained(self, save_directory) -> list[str]:
@@ -725,3 +552,4 @@ class PeVideoProcessor:
 
     def __repr__(self):
         return f"{type(self).__name__}(video_processor={self.video_processor!r}, tokenizer={self.tokenizer!r})"
+

@@ -17,7 +17,7 @@ pytest.importorskip("av")
 from _media import write_checkpoint, write_corrupt, write_video  # noqa: E402
 
 from pevideo import cli  # noqa: E402
-from pevideo.pipeline import (  # noqa: E402
+from pevideo.embed import (  # noqa: E402
     ManifestMismatchError,
     PipelineStats,
     classify_videos,
@@ -94,7 +94,10 @@ def test_embed_cli_end_to_end(media, reference, tmp_path, capsys):
                "--batch-size", 3, "--shard-size", 2, "--pooled")
     assert rc == 1  # one video failed, the rest is written
     err = capsys.readouterr().err
-    assert "bad.mp4" in err and "4 of 5 videos embedded" in err and "no preprocessor config" in err
+    assert "bad.mp4" in err and "4 of 5 videos embedded" in err
+    # The checkpoint has no processor config: one warning naming what was assumed.
+    assert err.count("has no video processor config") == 1
+    assert "64x64" in err and "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]" in err
 
     emb = read_embeddings(out)
     check_against_reference(emb, reference, media["good"], pooled=True)
@@ -140,6 +143,15 @@ def test_expand_inputs(media, tmp_path, capsys):
         expand_inputs([str(tmp_path / "nope.mp4")], must_exist=True)
     with pytest.raises(ValueError, match="no videos found"):
         expand_inputs([str(tmp_path)])
+    # Expanded once: an expanded list is taken as is (the CLI expands, then the pipeline), even where a
+    # listed video's name looks like a list file.
+    import shutil
+
+    shutil.copy(media["order"][0], tmp_path / "odd.lst")
+    (tmp_path / "list.txt").write_text("odd.lst\n")
+    paths = expand_inputs([str(tmp_path / "list.txt")])
+    assert paths == [str(tmp_path / "odd.lst")]
+    assert expand_inputs(paths) is paths
     # On the command line a missing input is a usage error (exit 2), before any model is loaded.
     assert embed(tmp_path / "nope.mp4", "--model", media["ckpt"], "--out", tmp_path / "x.safetensors") == 2
     assert "input not found" in capsys.readouterr().err
@@ -232,6 +244,40 @@ def test_embed_videos_api_unequal_lengths(media, reference):
     gen.close()
 
 
+def test_model_object_uses_its_checkpoints_processor(media, tmp_path):
+    """A model loaded with from_pretrained and passed as an object: its checkpoint's processor config is
+    used, with no warning (it used to warn "no processor given" and use the defaults)."""
+    import shutil
+    import warnings
+
+    import pevideo
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(media["ckpt"], ckpt)
+    own = pevideo.PeVideoVideoProcessor(size={"height": 64, "width": 64}, image_mean=[0.4, 0.45, 0.5],
+                                        image_std=[0.2, 0.25, 0.3])
+    own.save_pretrained(ckpt)
+    model = pevideo.PeVideoModel.from_pretrained(ckpt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        results = list(embed_videos(media["good"][:2], model, num_frames=NF, num_workers=0))
+    with torch.no_grad():
+        for r in results:
+            frames, _ = pevideo.load_video(r.path, num_frames=NF)
+            want = model.get_video_features(**own(frames, return_tensors="pt", do_sample_frames=False)).pooler_output[0]
+            torch.testing.assert_close(r.video_embeds, want, atol=ATOL, rtol=RTOL)
+
+
+def test_cli_device_and_help(media, tmp_path, capsys):
+    # A device torch does not know is a usage error (one line, exit 2), not a crash with a traceback.
+    assert embed(media["order"][0], "--model", media["ckpt"], "--out", tmp_path / "x", "--device", "tpu") == 2
+    err = capsys.readouterr().err
+    assert "not a device: 'tpu'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        cli.main(["classify", "--help"])
+    assert "tokenizer" in capsys.readouterr().out
+
+
 def test_classify(media, reference, tmp_path, capsys):
     import pevideo
     from transformers import AutoTokenizer
@@ -276,8 +322,15 @@ def test_classify(media, reference, tmp_path, capsys):
                                num_workers=0))
     for r in res:
         torch.testing.assert_close(r.probs, want[r.path], atol=1e-5, rtol=1e-5)
+    # A model loaded from a checkpoint finds the checkpoint's tokenizer; one with no checkpoint folder needs tokenizer=.
+    res = list(classify_videos(media["good"][:1], model, LABELS, processor=proc, num_frames=NF, num_workers=0))
+    torch.testing.assert_close(res[0].probs, want[res[0].path], atol=1e-5, rtol=1e-5)
+    import copy
+
+    in_memory = copy.copy(model)
+    del in_memory.name_or_path
     with pytest.raises(ValueError, match="tokenizer"):
-        classify_videos(media["good"][:1], model, LABELS, processor=proc, num_workers=0)
+        classify_videos(media["good"][:1], in_memory, LABELS, processor=proc, num_workers=0)
 
     # A checkpoint without a tokenizer: a usage error, before any video is decoded.
     bare = tmp_path / "bare"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pevideo.processing import PeVideoProcessor, PeVideoVideoProcessor, resize_uint8
+from pevideo.processing import Normalization, PeVideoProcessor, PeVideoVideoProcessor, resize_uint8
 from pevideo_kernels import patchify_normalize_ref
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
@@ -279,6 +279,117 @@ def test_mixed_sizes_without_resize_raise(ours):
     clips = [np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 9, 8, 3), np.uint8)]
     with pytest.raises(ValueError, match="different frame sizes"):
         ours(clips, do_resize=False, return_tensors="pt")
+
+
+BAD_NORMALIZATION = [
+    dict(std=0.0),
+    dict(std=(0.5, 0.0, 0.5)),
+    dict(std=(0.5, -0.5, 0.5)),
+    dict(std=float("nan")),
+    dict(std=(0.5, float("inf"), 0.5)),
+    dict(mean=(0.5, float("nan"), 0.5)),
+    dict(std=(0.5, 0.5)),
+    dict(mean=(0.1, 0.2, 0.3, 0.4)),
+    dict(rescale=0.0),
+    dict(rescale=float("nan")),
+]
+_NORM_TO_PROCESSOR = {"mean": "image_mean", "std": "image_std", "rescale": "rescale_factor"}
+
+
+@pytest.mark.parametrize("bad", BAD_NORMALIZATION)
+def test_bad_normalization_raises(bad):
+    """std 0 / negative / NaN / inf, non-finite means, a wrong channel count: a clear ValueError, from the
+    record and from the processor that owns one (NaN std used to pass the processor's check)."""
+    with pytest.raises(ValueError, match="image_std|image_mean|rescale_factor"):
+        Normalization(**bad)
+    with pytest.raises(ValueError, match="image_std|image_mean|rescale_factor"):
+        PeVideoVideoProcessor(**{_NORM_TO_PROCESSOR[k]: v for k, v in bad.items()})
+
+
+def test_processor_normalization_record():
+    proc = PeVideoVideoProcessor(image_mean=[0.48, 0.46, 0.41], image_std=0.25, rescale_factor=1 / 127)
+    assert proc.normalization == Normalization(mean=(0.48, 0.46, 0.41), std=(0.25, 0.25, 0.25), rescale=1 / 127)
+    off = PeVideoVideoProcessor(do_normalize=False, do_rescale=False, image_std=0)  # unused settings: not checked
+    assert off.normalization == Normalization(mean=(0, 0, 0), std=(1, 1, 1), rescale=1.0)
+
+
+def test_resize_frames_and_output_size(seed):
+    """Workers' step: the processor's resize (and crop) as uint8 channels-last, no normalization; the
+    output size is known from the settings alone."""
+    x = torch.randint(0, 256, (3, 37, 53, 3), dtype=torch.uint8).numpy()
+    for kw, size in [({"size": {"height": 24, "width": 40}}, (24, 40)),
+                     ({"size": {"height": 24, "width": 40}, "do_center_crop": True,
+                       "crop_size": {"height": 20, "width": 18}}, (20, 18)),
+                     ({"size": {"height": 37, "width": 53}}, (37, 53))]:
+        proc = PeVideoVideoProcessor(**kw)
+        got = proc.resize_frames(x)
+        want = proc(x, do_sample_frames=False, do_rescale=False, do_normalize=False,
+                    input_data_format="channels_last")["pixel_values_videos"][0].permute(0, 2, 3, 1)
+        assert proc.output_size == size
+        assert got.dtype == torch.uint8 and tuple(got.shape) == (3, *size, 3) and torch.equal(got, want)
+    assert PeVideoVideoProcessor(do_resize=False).output_size is None
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import pevideo
+    from _media import write_checkpoint
+
+    return pevideo.PeVideoModel.from_pretrained(write_checkpoint(tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.mark.parametrize("bad", BAD_NORMALIZATION[:7])
+def test_uint8_entry_refuses_bad_normalization(tiny_model, bad):
+    """image_std=0 / NaN used to give NaN embeddings silently."""
+    u8 = torch.randint(0, 256, (1, 2, 64, 64, 3), dtype=torch.uint8)
+    kwargs = {_NORM_TO_PROCESSOR[k]: v for k, v in bad.items()}
+    with pytest.raises(ValueError, match="image_std|image_mean"), torch.no_grad():
+        tiny_model.get_video_features_uint8(u8, **kwargs)
+
+
+def test_uint8_entry_takes_the_processors_record(tiny_model, seed):
+    proc = PeVideoVideoProcessor(size={"height": 64, "width": 64}, image_mean=[0.4, 0.45, 0.5], image_std=[0.2, 0.25, 0.3])
+    frames = torch.randint(0, 256, (3, 50, 70, 3), dtype=torch.uint8).numpy()
+    with torch.no_grad():
+        want = tiny_model.get_video_features(**proc(frames, return_tensors="pt", do_sample_frames=False)).pooler_output
+        got = tiny_model.get_video_features_uint8(proc.resize_frames(frames)[None], None, proc.normalization)
+    torch.testing.assert_close(got.pooler_output, want, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="not both"):
+        tiny_model.get_video_features_uint8(proc.resize_frames(frames)[None], None, proc.normalization, image_std=0.5)
+    with pytest.raises(TypeError, match="Normalization"):
+        tiny_model.get_video_features_uint8(proc.resize_frames(frames)[None], None, {"mean": 0.5})
+
+
+def test_checkpoint_without_processor_files(tmp_path):
+    """A folder as model.save_pretrained writes it (no processor config, no tokenizer): the video processor
+    falls back to PE Video's preprocessing at the checkpoint's frame size with ONE warning naming what was
+    assumed (it used to raise OSError); PeVideoProcessor says where a tokenizer comes from."""
+    import warnings
+
+    from _media import write_checkpoint, write_tokenizer
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", tokenizer=False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        proc = PeVideoVideoProcessor.from_pretrained(ckpt)
+    msgs = [str(w.message) for w in rec]
+    assert len(msgs) == 1 and "has no video processor config" in msgs[0]
+    assert "64x64" in msgs[0] and "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]" in msgs[0] and "save_pretrained" in msgs[0]
+    assert proc.output_size == (64, 64) and proc.normalization == Normalization()
+
+    with pytest.raises(ValueError, match="no tokenizer.*AutoTokenizer.from_pretrained"):
+        PeVideoProcessor.from_pretrained(ckpt)
+    write_tokenizer(ckpt)
+    full = PeVideoProcessor.from_pretrained(ckpt)  # README's quickstart on such a folder
+    assert full.video_processor.output_size == (64, 64) and full.tokenizer is not None
+
+    proc.save_pretrained(ckpt)  # the fix the warning gives: no warning any more
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PeVideoProcessor.from_pretrained(ckpt).video_processor.to_dict() == proc.to_dict()
+
+    with pytest.raises(OSError, match="no video processor config"):  # not a checkpoint at all
+        PeVideoVideoProcessor.from_pretrained(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``pevideo embed``, ``pevideo classify`` and ``pevideo merge``: the command-line face of :mod:`pevideo.pipeline`.
+"""``pevideo embed``, ``pevideo classify`` and ``pevideo merge``: the command-line face of :mod:`pevideo.embed`.
 
 Exit status: 0 = every video done; 1 = some videos could not be read (the others' outputs are written,
 the failures listed in the errors file); 2 = usage error (bad arguments, missing input or checkpoint,
@@ -70,7 +70,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("classify", help="zero-shot: per-clip probability of each text label",
                        description="Score clips against text labels: sigmoid(video · text · scale + bias), as PE "
-                       "Video's quickstart. Prints a table, or writes CSV / JSON.")
+                       "Video's quickstart. Prints a table, or writes CSV / JSON. Needs the checkpoint's text "
+                       "tokenizer (tokenizer.json / tokenizer_config.json) in the --model folder: "
+                       "model.save_pretrained writes none; save it there with "
+                       "AutoTokenizer.from_pretrained(<the checkpoint the weights come from>).save_pretrained(folder) "
+                       "(README: Your own or an offline checkpoint).")
     p.add_argument("inputs", nargs="+", metavar="VIDEO", help="video files, folders, or list files")
     p.add_argument("--labels", nargs="+", default=None, help='text labels, e.g. "a person playing tennis" "a cat sleeping"')
     p.add_argument("--labels-file", default=None, help="labels, one per line")
@@ -99,7 +103,7 @@ def _guarded(cmd: str, fn) -> int:
     """Exit statuses: usage problems 2, crashes 3 (with the traceback), Ctrl-C 130."""
     import warnings
 
-    from .pipeline import ManifestMismatchError
+    from .store import ManifestMismatchError
 
     def show(message, category, filename, lineno, file=None, line=None):
         if _is_rank0():  # under torchrun, once rather than once per rank
@@ -137,7 +141,8 @@ def _say(msg: str) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from .pipeline import embed_to_file, expand_inputs
+    from .api import embed_to_file
+    from .inputs import expand_inputs
 
     def go():
         paths = expand_inputs(args.inputs, must_exist=True)
@@ -166,7 +171,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from .pipeline import merge_shards
+    from .store import merge_shards
 
     def go():
         summary = merge_shards(args.out, keep_shards=args.keep_shards, errors=args.errors)
@@ -190,7 +195,8 @@ def _labels(args) -> list[str]:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from .pipeline import classify_videos, expand_inputs
+    from .api import classify_videos
+    from .inputs import expand_inputs
 
     def go():
         labels = _labels(args)

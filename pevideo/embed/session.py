@@ -1,0 +1,127 @@
+"""Model, processor, device and dtype for a run, resolved once into one :class:`Session` record.
+
+A run names a checkpoint (folder or Hub id) or passes a model object. From a checkpoint, the device and
+dtype are resolved here, the processor is read from the checkpoint (or PE Video's defaults at the frame
+size its config.json gives, with one warning), and the model loads only when there is work to do. The
+processor's output size is checked against the model's frame size from the settings alone.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..loading import resolve_checkpoint, resolve_device, resolve_dtype
+from ..processing import Normalization, PeVideoVideoProcessor, checkpoint_frame_size, sampling
+from ..video import check_frame_cap
+
+__all__ = ["Session", "open_session", "load_model", "load_processor", "check_sampling", "DEFAULT_NUM_FRAMES"]
+
+DEFAULT_NUM_FRAMES = 16
+
+
+@dataclass
+class Session:
+    """What a run encodes with. ``source``: the checkpoint folder, or the model object given;
+    ``checkpoint``: the folder the weights (and processor, tokenizer) come from, None for a model built
+    in memory; ``frame_size``: (h, w) the model takes. :meth:`model` loads a checkpoint's model once."""
+
+    source: object
+    checkpoint: str | None
+    device: torch.device
+    dtype: torch.dtype
+    fast: bool
+    processor: PeVideoVideoProcessor
+    frame_size: tuple[int, int]
+    _model: object = None
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.processor.normalization
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def model(self):
+        """The model: the object given, or the checkpoint's, loaded (once) on ``device`` in ``dtype``."""
+        if self._model is None:
+            from ..modeling import PeVideoModel
+
+            self._model = PeVideoModel.from_pretrained(self.checkpoint, fast=self.fast, dtype=self.dtype,
+                                                       device=self.device)
+        return self._model
+
+
+def open_session(model, processor=None, *, device=None, dtype=None, fast: bool | None = None) -> Session:
+    """Resolve a run's model, processor, device and dtype once.
+
+    ``model``: a checkpoint folder / Hub id, or a :class:`pevideo.PeVideoModel` (then ``device``,
+    ``dtype``, ``fast`` are the model's own and the arguments are ignored). ``device``: see
+    :func:`pevideo.loading.resolve_device` ("auto"/None: CUDA when available). ``dtype``: "auto"/None
+    is bfloat16 on a GPU and float32 on CPU (see :func:`pevideo.loading.resolve_dtype`). ``fast``:
+    default on a GPU (on CPU the kernels would run in Triton's slow interpreter). ``processor``: a
+    :class:`pevideo.PeVideoVideoProcessor`, a folder to read one from, or None: the checkpoint's (see
+    :func:`load_processor`). Raises ValueError when the processor's frames don't fit the model.
+    """
+    from ..modeling import PeVideoModel
+
+    if isinstance(model, (str, os.PathLike)):
+        session = _checkpoint_session(model, device, dtype, fast)
+    elif isinstance(model, PeVideoModel):
+        folder = getattr(model, "name_or_path", None)  # set by from_pretrained
+        session = Session(
+            source=model, checkpoint=folder if folder and os.path.isdir(folder) else None, device=model.device,
+            dtype=model.dtype, fast=model.fast, processor=None,
+            frame_size=tuple(model.video_encoder.vit.args.img_size), _model=model,
+        )
+    else:
+        raise TypeError(f"model must be a pevideo PeVideoModel or a checkpoint path, got {type(model).__name__}")
+    session.processor = load_processor(processor, session.checkpoint, session.frame_size)
+    got = session.processor.output_size
+    if got is None or tuple(got) != tuple(session.frame_size):
+        made = "frames of the input's size (no resize)" if got is None else f"{got[0]}x{got[1]} frames"
+        h, w = session.frame_size
+        raise ValueError(f"the processor makes {made} but the model takes {h}x{w}")
+    return session
+
+
+def load_processor(processor, checkpoint, frame_size) -> PeVideoVideoProcessor:
+    """``processor`` as given (an object, or a folder to read it from); None: the checkpoint's own
+    (:meth:`PeVideoVideoProcessor.from_pretrained`, which falls back to PE Video's preprocessing at the
+    checkpoint's frame size with one warning); for a model with no checkpoint folder, PE Video's
+    preprocessing at ``frame_size``, with one warning."""
+    if isinstance(processor, PeVideoVideoProcessor):
+        return processor
+    if processor is not None:
+        if not isinstance(processor, (str, os.PathLike)):
+            raise TypeError(f"processor must be a PeVideoVideoProcessor or a folder, got {type(processor).__name__}")
+        return PeVideoVideoProcessor.from_pretrained(processor)
+    if checkpoint is not None:
+        return PeVideoVideoProcessor.from_pretrained(checkpoint)
+    return PeVideoVideoProcessor.pe_default(frame_size, "no processor given and the model has no checkpoint folder")
+
+
+def _checkpoint_session(path, device, dtype, fast) -> Session:
+    """A checkpoint's session, processor not yet chosen."""
+    checkpoint = resolve_checkpoint(path)
+    dev = resolve_device(device, default="auto")
+    return Session(
+        source=checkpoint, checkpoint=checkpoint, device=dev, dtype=resolve_dtype(dtype, dev),
+        fast=(dev.type == "cuda") if fast is None else bool(fast), processor=None,
+        frame_size=checkpoint_frame_size(checkpoint),
+    )
+
+
+def load_model(path, *, device=None, dtype=None, fast: bool | None = None):
+    """``PeVideoModel.from_pretrained`` with the pipeline's defaults (see :func:`open_session`)."""
+    return _checkpoint_session(path, device, dtype, fast).model()
+
+
+def check_sampling(num_frames, fps) -> tuple[int | None, float | None]:
+    """(num_frames, fps) of a run, checked by :func:`pevideo.processing.sampling`; neither given: 16 frames."""
+    kind, value = sampling(num_frames, fps) or ("n", DEFAULT_NUM_FRAMES)
+    if kind == "n":  # refused before anything is loaded, not once per clip
+        check_frame_cap(value, name="num_frames")
+    return (value, None) if kind == "n" else (None, value)

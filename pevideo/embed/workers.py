@@ -1,0 +1,82 @@
+"""Decoding in worker processes: each clip decoded with PyAV, resized to the model's frame size as uint8,
+and batches padded together (``collate``) for the encoder."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["ClipDataset", "collate", "default_workers"]
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Item i: the decoded clip of ``paths[i]`` resized by ``processor.resize_frames`` (uint8 (T, S, S, 3),
+    a channels-last view; normalizing is the model's job), or the reason it could not be read."""
+
+    def __init__(self, paths: Sequence[str], processor, num_frames: int | None, fps: float | None,
+                 apply_rotation: bool = False):
+        self.paths, self.processor, self.num_frames, self.fps = paths, processor, num_frames, fps
+        # Each frame is resized as it is decoded (4K frames are never all held), exactly as the processor
+        # would resize it; resize_frames then finds the size already right and only crops / views.
+        size, mode = processor.resize_settings
+        self.decode = dict(size=size, resample=mode, apply_rotation=apply_rotation)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        from ..video import load_video
+
+        path = self.paths[i]
+        try:
+            frames, meta = load_video(path, num_frames=self.num_frames, fps=self.fps, **self.decode)
+            clip = self.processor.resize_frames(frames)
+            return dict(index=i, path=path, frames=clip, total=int(meta.total_num_frames),
+                        indices=list(meta.frames_indices), error=None)
+        except Exception as exc:  # one unreadable video is that video's problem, not the run's
+            return dict(index=i, path=path, frames=None, total=0, indices=[], error=_reason(exc))
+
+
+def _reason(exc: Exception) -> str:
+    # load_video's own errors already say what is wrong with which file; anything else gets its type.
+    if type(exc) in (ValueError, FileNotFoundError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def collate(items: list[dict]) -> dict:
+    """Real clips padded into one uint8 batch (B, T_max, S, S, 3) + mask (B, T_max) bool, or None when all
+    clips have T_max frames; the failures ride along (metadata only)."""
+    ok = [it for it in items if it["error"] is None]
+    videos = mask = None
+    if ok:
+        lengths = [it["frames"].shape[0] for it in ok]
+        t_max = max(lengths)
+        if min(lengths) == t_max:
+            # No padding, no mask: the model then has no mask to copy over, which would wait for the device.
+            videos = torch.stack([it["frames"] for it in ok])
+        else:
+            videos = torch.zeros((len(ok), t_max, *ok[0]["frames"].shape[1:]), dtype=torch.uint8)
+            for b, it in enumerate(ok):
+                videos[b, : lengths[b]] = it["frames"]
+            mask = torch.arange(t_max)[None, :] < torch.tensor(lengths)[:, None]
+    meta = [{k: v for k, v in it.items() if k != "frames"} for it in items]
+    return dict(items=meta, videos=videos, mask=mask)
+
+
+def worker_init(_worker_id: int) -> None:
+    # Each worker resizes one clip at a time; many intra-op threads per worker would only fight.
+    torch.set_num_threads(1)
+
+
+def default_workers() -> int:
+    """The CPUs this process may use, shared with the other ranks on this machine, less one for the
+    encoding loop; at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # honours container / taskset limits, unlike cpu_count
+    except AttributeError:
+        cpus = os.cpu_count() or 2
+    cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, cpus - 1))
+
