@@ -13,7 +13,7 @@ import torch
 from .distributed import Dist, combine_stats
 from .encode import ClipResult, PipelineStats, run_clips
 from .inputs import expand_inputs
-from .session import check_sampling, load_processor, model_and_processor, resolve_device, resolve_dtype
+from .session import check_sampling, load_processor, model_and_processor, resolve_device, resolve_dtype, resolve_fast
 from .store import (
     DEFAULT_SHARD_SIZE,
     MAX_HEADER_JSON,
@@ -22,6 +22,7 @@ from .store import (
     fingerprint,
     merge_shards,
     model_id,
+    output_lock,
     prepare,
     sha256,
     shard_ok,
@@ -199,7 +200,8 @@ def embed_to_file(
             ``folder/errors.jsonl``. It is always written, empty when nothing failed.
         overwrite: remove a previous run's outputs first (else a run with different arguments is
             refused with :class:`ManifestMismatchError`, and one with the same arguments resumes).
-        keep_shards: keep the shard folder after joining a ``.safetensors`` output.
+        keep_shards: keep the shard folder after joining a ``.safetensors`` output (recorded in the
+            manifest: a later :func:`merge_shards` keeps them too).
         on_error: called with each failed :class:`ClipResult` as it happens (the CLI prints them).
         on_shard: called with each shard number once that shard is on disk.
         Other arguments as :func:`embed_videos`.
@@ -230,7 +232,9 @@ def embed_to_file(
     else:
         raise TypeError(f"model must be a pevideo PeVideoModel or a checkpoint path, got {type(model).__name__}")
     dist = Dist(device)
+    lock = output_lock(layout)
     try:
+        dist.on_rank0(lock.acquire)  # one run at a time per output; rank 0 holds it for all ranks
         loaded = not isinstance(model, str)
         model_dtype = model.dtype if loaded else resolve_dtype(dtype, dist.device)
         if isinstance(processor, (str, os.PathLike)):
@@ -240,10 +244,11 @@ def embed_to_file(
                 processor = load_processor(model)
             except OSError:
                 pass  # no preprocessor config: the default one, at the frame size of the model once loaded
-        fp = fingerprint(paths, model_id(model), processor, num_frames, fps, model_dtype, pooled, shard_size)
+        fp = fingerprint(paths, model_id(model), processor, num_frames, fps, model_dtype, pooled, shard_size,
+                         fast=model.fast if loaded else resolve_fast(fast, dist.device))
         fp_sha = sha256(json.dumps(fp, sort_keys=True).encode())
         num_shards = math.ceil(len(paths) / shard_size)
-        if dist.on_rank0(prepare, layout, fp, fp_sha, num_shards, overwrite) == "complete":
+        if dist.on_rank0(prepare, layout, fp, fp_sha, num_shards, overwrite, keep_shards) == "complete":
             # Same arguments, already joined: nothing to do but restore the errors file if it was lost.
             summary = dist.on_rank0(summary_of_final, layout)
             summary.shards_skipped = num_shards
@@ -266,6 +271,7 @@ def embed_to_file(
         summary.stats = combine_stats([r[2] for r in ranks])
         return summary
     finally:
+        lock.release()  # a no-op on ranks other than 0
         dist.close()
 
 

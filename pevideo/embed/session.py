@@ -32,13 +32,18 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return parse_dtype(dtype)
 
 
+def resolve_fast(fast, device: torch.device) -> bool:
+    """None: the fused kernels on a GPU, eager on CPU (where they would run in Triton's slow interpreter)."""
+    return (device.type == "cuda") if fast is None else bool(fast)
+
+
 def load_model(path, *, device=None, dtype=None, fast: bool | None = None):
     """``PeVideoModel.from_pretrained`` with the pipeline's defaults: CUDA when available, bfloat16 on a
     GPU and float32 on CPU, fused kernels on a GPU (on CPU they would run in Triton's slow interpreter)."""
     from ..modeling import PeVideoModel
 
     device = resolve_device(device)
-    fast = (device.type == "cuda") if fast is None else bool(fast)
+    fast = resolve_fast(fast, device)
     return PeVideoModel.from_pretrained(path, fast=fast, dtype=resolve_dtype(dtype, device), device=device)
 
 
