@@ -11,7 +11,6 @@ Problems with the files raise :class:`StoreError` subclasses whose message is on
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -22,7 +21,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .encode import ClipResult, PipelineStats
-from .fingerprint import describe_mismatch, fingerprint, model_id, sha256
+from .fingerprint import describe_mismatch, fingerprint, model_id, sha256  # noqa: F401 (api imports them here)
+from .records import (
+    FORMAT,
+    FORMAT_VERSION,
+    REDO,
+    complete_problem,
+    read_header,
+    serialize,
+    shard_problem,
+)
 from .safeio import (
     DamagedOutputError,
     OutputLock,
@@ -42,15 +50,10 @@ __all__ = [
     "output_lock", "fingerprint", "model_id",
 ]
 
-FORMAT = "pevideo.embeddings"
-FORMAT_VERSION = 2  # 2: shards record their number, input range and per-tensor SHA-256
 DEFAULT_SHARD_SIZE = 1024
 
 # The safetensors header (where paths and errors go) is limited to 100 MB by its readers; stay well below.
 MAX_HEADER_JSON = 40_000_000
-
-_REDO = "delete it and rerun the same `pevideo embed` command to redo it"
-
 
 class ManifestMismatchError(StoreError, ValueError):
     """An output folder or file holds results made with different arguments (model, weights, frames,
@@ -124,101 +127,6 @@ def check_out_path(layout: Layout) -> None:
                               "give another --out, or X.safetensors for one file")
 
 
-def _tensor_sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
-
-
-def _serialize(tensors: dict, metadata: dict) -> bytes:
-    """The safetensors bytes, with each tensor's SHA-256 in the metadata (checked when read)."""
-    from safetensors.torch import save
-
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    metadata = dict(metadata, sha256=json.dumps({k: _tensor_sha(v) for k, v in sorted(tensors.items())}))
-    return save(tensors, metadata=metadata)
-
-
-def _read_header(path: str) -> dict:
-    """The file's metadata; a file that is not a complete safetensors file raises DamagedOutputError."""
-    from safetensors import safe_open
-
-    with io_errors(path, "read"):
-        try:
-            with safe_open(path, framework="pt") as f:
-                return f.metadata() or {}
-        except OSError:
-            raise
-        except Exception as exc:  # SafetensorError: empty, cut short, not safetensors at all
-            size = os.path.getsize(path)
-            raise DamagedOutputError(path, f"is not a complete safetensors file ({size} bytes; {exc})", _REDO) from exc
-
-
-def _range_text(a, b) -> str:
-    return f"inputs {a}-{int(b) - 1}" if int(b) > int(a) else "no inputs"
-
-
-def _expected_range(man: dict, s: int) -> tuple[int, int]:
-    size, n = int(man["config"]["shard_size"]), int(man["config"]["num_inputs"])
-    return s * size, min((s + 1) * size, n)
-
-
-def _rows_problem(tensors: dict, shapes: dict, meta: dict, start: int, end: int) -> str | None:
-    """Why the rows of a file covering inputs [start, end) are not each of them exactly once, in order
-    (with the failed ones listed in ``errors``); None when they are. ``shapes``: every tensor's shape."""
-    sums = json.loads(meta.get("sha256", "{}"))
-    for name, t in tensors.items():
-        if name in sums and _tensor_sha(t) != sums[name]:
-            return f"{name} fails its checksum (the file was changed or damaged)"
-    idx = tensors["input_index"]
-    rows = idx.shape[0] if idx.dim() == 1 else -1
-    bad = [n for n, shp in shapes.items() if not shp or shp[0] != rows]
-    try:
-        paths, errors = json.loads(meta.get("paths", "[]")), json.loads(meta.get("errors", "[]"))
-        err_idx = [int(e["index"]) for e in errors]
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"its metadata is damaged ({exc})"
-    if bad or len(paths) != rows:
-        return f"its tensors and paths disagree on the number of rows ({rows} in input_index)"
-    if rows > 1 and not bool((idx[1:] > idx[:-1]).all()):
-        return "input_index is not strictly increasing (rows duplicated or out of order)"
-    have = set(idx.tolist()) | set(err_idx)
-    if len(have) != rows + len(err_idx) or have != set(range(start, end)):
-        missing = sorted(set(range(start, end)) - have)[:5]
-        extra = sorted(have - set(range(start, end)))[:5]
-        return (f"input_index and errors do not cover {_range_text(start, end)} exactly once "
-                f"(missing {missing}, foreign {extra})")
-    return None
-
-
-def _shard_problem(path: str, s: int, man: dict, full: bool) -> tuple[str | None, tuple]:
-    """Why the file at shard ``s``'s place is not shard ``s`` of this run (None when it is), and the
-    loaded (tensors, meta) when ``full``."""
-    from safetensors import safe_open
-
-    meta = _read_header(path)
-    if meta.get("format") != FORMAT:
-        return "is not a pevideo embeddings shard", ()
-    if meta.get("fingerprint") != man["fingerprint"]:
-        return "was made by another run (other arguments, weights or inputs)", ()
-    start, end = _expected_range(man, s)
-    got = (meta.get("shard"), meta.get("first_index"), meta.get("end_index"))
-    if got != (str(s), str(start), str(end)):
-        return (f"holds shard {got[0]} ({_range_text(got[1] or 0, got[2] or 0)}), not shard {s} "
-                f"({_range_text(start, end)}): copied or renamed"), ()
-    with io_errors(path, "read"):
-        if full:
-            from safetensors.torch import load_file
-
-            tensors = load_file(path)
-            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        else:
-            with safe_open(path, framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-                tensors = {"input_index": f.get_tensor("input_index")} if "input_index" in shapes else {}
-    if "input_index" not in tensors:
-        return "has no input_index", ()
-    return _rows_problem(tensors, shapes, meta, start, end), ((tensors, meta) if full else ())
-
-
 def shard_ok(path: str, fp_sha: str) -> bool:
     """A finished shard of this run, in its place (checked against the manifest beside it). A file
     there that is not is written again, with a warning saying why."""
@@ -229,7 +137,7 @@ def shard_ok(path: str, fp_sha: str) -> bool:
         man = _read_manifest(Layout(None, os.path.dirname(path), ""))
         if m is None or man.get("fingerprint") != fp_sha:
             return False
-        problem, _ = _shard_problem(path, int(m.group(1)), man, full=False)
+        problem, _ = shard_problem(path, int(m.group(1)), man, full=False)
     except (StoreError, FileNotFoundError) as exc:  # a damaged shard (disk full, ...) is redone
         warnings.warn(f"{path} is unreadable ({getattr(exc, 'cause', exc)}); it will be written again", stacklevel=2)
         return False
@@ -272,7 +180,7 @@ def write_shard(layout: Layout, s: int, results: list[ClipResult], fp_sha: str, 
         "paths": json.dumps([r.path for r in results if r.ok]),
         "errors": json.dumps(errors),
     }
-    atomic_write_bytes(layout.shard(s), _serialize(_rows(results, dims, pooled, width), meta))
+    atomic_write_bytes(layout.shard(s), serialize(_rows(results, dims, pooled, width), meta))
 
 
 @dataclass
@@ -307,7 +215,7 @@ def _load_final(path: str) -> tuple[dict, dict]:
     """A joined file, checked: every input exactly once, in order, checksums intact."""
     from safetensors.torch import load_file
 
-    meta = _read_header(path)
+    meta = read_header(path)
     if meta.get("format") != FORMAT:
         raise DamagedOutputError(path, "is not a pevideo embeddings file", "give the file `pevideo embed --out` wrote")
     with io_errors(path, "read"):
@@ -316,28 +224,10 @@ def _load_final(path: str) -> tuple[dict, dict]:
         config = json.loads(meta.get("config", "{}"))
     except ValueError:
         config = {}
-    problem = _complete_problem(tensors, meta, config)
+    problem = complete_problem(tensors, meta, config)
     if problem is not None:
         raise DamagedOutputError(path, problem, "delete it and rerun the same `pevideo embed` command to make it again")
     return tensors, meta
-
-
-def _complete_problem(tensors: dict, meta: dict, config: dict) -> str | None:
-    """Why a joined file (or what is about to become one) does not hold each input once, in order."""
-    if "input_index" not in tensors or "num_inputs" not in config:
-        return "has no input_index or no num_inputs"
-    n = int(config["num_inputs"])
-    problem = _rows_problem(tensors, {k: tuple(v.shape) for k, v in tensors.items()}, meta, 0, n)
-    if problem is not None or "inputs_sha256" not in config:
-        return problem
-    names = [""] * n
-    for i, p in zip(tensors["input_index"].tolist(), json.loads(meta.get("paths", "[]"))):
-        names[i] = p
-    for e in json.loads(meta.get("errors", "[]")):
-        names[int(e["index"])] = e["path"]
-    if sha256("\0".join(names).encode("utf-8", "surrogateescape")) != config["inputs_sha256"]:
-        return "its paths are not the run's inputs, in order"
-    return None
 
 
 def _join_tensors(parts: list[tuple[dict, dict]]) -> dict:
@@ -399,9 +289,9 @@ def _check_all_shards(layout: Layout, man: dict, full: bool = False) -> list:
             "rerun `pevideo embed` with the same arguments to finish them")
     parts = []
     for s in range(man["num_shards"]):
-        problem, loaded = _shard_problem(layout.shard(s), s, man, full)
+        problem, loaded = shard_problem(layout.shard(s), s, man, full)
         if problem is not None:
-            raise DamagedOutputError(layout.shard(s), problem, _REDO)
+            raise DamagedOutputError(layout.shard(s), problem, REDO)
         parts.append(loaded)
     return parts
 
@@ -455,7 +345,7 @@ def prepare(layout: Layout, fp: dict, fp_sha: str, num_shards: int, overwrite: b
         _remove_outputs(layout)
     _remove_temporaries(layout)
     if layout.final is not None and os.path.isfile(layout.final):
-        meta = _read_header(layout.final)
+        meta = read_header(layout.final)
         if meta.get("fingerprint") != fp_sha:
             try:
                 old = json.loads(meta.get("config", "{}"))
@@ -520,7 +410,7 @@ def _write_errors(path: str, errors: list[dict]) -> None:
 
 def summary_of_final(layout: Layout) -> EmbedSummary:
     """A joined file is complete: (re)write its errors file from its header and sum it up."""
-    meta = _read_header(layout.final)
+    meta = read_header(layout.final)
     try:
         errs = json.loads(meta.get("errors", "[]"))
         n_in = int(meta.get("num_inputs", "0"))
@@ -558,7 +448,7 @@ def _merge(layout: Layout, keep_shards: bool | None) -> EmbedSummary:
         _check_all_shards(layout, man)
         errs = []
         for s in range(man["num_shards"]):
-            errs += json.loads(_read_header(layout.shard(s)).get("errors", "[]"))
+            errs += json.loads(read_header(layout.shard(s)).get("errors", "[]"))
     else:
         parts = _check_all_shards(layout, man, full=True)
         tensors = _join_tensors(parts)
@@ -570,11 +460,11 @@ def _merge(layout: Layout, keep_shards: bool | None) -> EmbedSummary:
         meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "fingerprint": man["fingerprint"],
                 "config": json.dumps(man["config"]), "num_inputs": str(man["config"]["num_inputs"]),
                 "paths": json.dumps(paths), "errors": json.dumps(errs)}
-        problem = _complete_problem(tensors, meta, man["config"])
+        problem = complete_problem(tensors, meta, man["config"])
         if problem is not None:  # the shards passed their own checks, so they do not fit together
             raise DamagedOutputError(layout.work, f"the joined shards are not the run's output: {problem}",
                                      f"delete {layout.work} and rerun `pevideo embed` to redo the run")
-        atomic_write_bytes(layout.final, _serialize(tensors, meta))
+        atomic_write_bytes(layout.final, serialize(tensors, meta))
     _write_errors(layout.errors, errs)
     if layout.final is not None and not keep:
         _remove_outputs(Layout(None, layout.work, os.path.join(layout.work, "errors.jsonl")))
