@@ -5,7 +5,7 @@ clip meets them: :mod:`.inputs` (files, folders, list files -> paths), :mod:`.se
 device, dtype), :mod:`.workers` (decode + resize in worker processes), :mod:`.encode` (the encoding loop),
 :mod:`.store` (shards, manifest, merge, reading back; with :mod:`.records` (what a shard holds, checked),
 :mod:`.fingerprint` (what a resume must match) and :mod:`.safeio` (lock, atomic writes, one-line
-:class:`StoreError`\ s)), :mod:`.distributed` (torchrun), :mod:`.api` (the functions below) and :mod:`.cli`
+:class:`StoreError` errors)), :mod:`.distributed` (torchrun), :mod:`.api` (the functions below) and :mod:`.cli`
 (``pevideo embed`` / ``classify`` / ``merge``).
 
 
