@@ -97,6 +97,8 @@ def shard_problem(path: str, s: int, man: dict, full: bool) -> tuple[str | None,
         return "was made by another run (other arguments, weights or inputs)", ()
     start, end = expected_range(man, s)
     got = (meta.get("shard"), meta.get("first_index"), meta.get("end_index"))
+    if "first_index" not in meta and meta.get("version") == "1":  # no range recorded: the rows tell
+        got = (got[0], str(start), str(end))
     if got != (str(s), str(start), str(end)):
         return (f"holds shard {got[0]} ({range_text(got[1] or 0, got[2] or 0)}), not shard {s} "
                 f"({range_text(start, end)}): copied or renamed"), ()

@@ -154,18 +154,23 @@ _held: dict[str, list] = {}  # lock file -> [fd, depth]: this process's locks (r
 
 
 class OutputLock:
-    """An exclusive lock on one output: ``fcntl.flock`` on a lock file holding the owner's pid, host and
-    start time. The kernel drops the lock when its process dies, so a crashed run's lock is recovered by
-    the next run without any clean-up; the file itself is removed when the lock is released.
+    """An exclusive lock on one output: a POSIX lock (``fcntl.lockf``, which network file systems honour
+    too) on a lock file holding the owner's pid, host and start time. The system drops it when its
+    process dies (decoding worker processes do not inherit it), so a killed run's lock is recovered by
+    the next run without any clean-up; the file itself is removed when the lock is released. Only
+    this class opens the lock file: closing any descriptor of it would drop a POSIX lock.
 
     Re-entrant within a process (``merge_shards`` called by ``embed_to_file`` under the same lock)."""
 
-    def __init__(self, path: str, out: str):
-        self.path, self.out = path, out
+    def __init__(self, path: str, out: str, check=None):
+        self.path, self.out, self.check = path, out, check
         self.acquired_ns = 0
         self._mine = False
 
     def acquire(self) -> None:
+        """Take the lock (after ``check()``, when given); OutputLockedError when another process has it."""
+        if self.check is not None:
+            self.check()
         key = os.path.abspath(self.path)
         if key in _held:
             _held[key][1] += 1
@@ -174,7 +179,7 @@ class OutputLock:
             return
         try:
             import fcntl
-        except ImportError:  # no flock (Windows): unlocked, as before
+        except ImportError:  # no fcntl (Windows): unlocked, as before
             self.acquired_ns = time.time_ns()
             return
         with io_errors(self.path):
@@ -183,8 +188,11 @@ class OutputLock:
             while True:
                 fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                        os.close(fd)
+                        raise
                     holder = _holder(fd)
                     os.close(fd)
                     raise OutputLockedError(self.out, f"another run is writing this output ({holder})",
@@ -201,10 +209,14 @@ class OutputLock:
                     break
                 os.close(fd)
             info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-            os.ftruncate(fd, 0)
-            os.write(fd, (json.dumps(info) + "\n").encode())
-            os.fsync(fd)
-            self.acquired_ns = os.fstat(fd).st_mtime_ns
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, (json.dumps(info) + "\n").encode())
+                os.fsync(fd)
+                self.acquired_ns = os.fstat(fd).st_mtime_ns
+            except BaseException:
+                os.close(fd)  # lets go of the lock
+                raise
         _held[key] = [fd, 1]
         self._mine = True
 
@@ -255,5 +267,5 @@ def _holder(fd: int) -> str:
         return "owner unknown"
     text = f"pid {info['pid']} on {info.get('host', '?')}, since {info.get('started', '?')}"
     if info.get("host") == socket.gethostname() and not _alive(int(info["pid"])):
-        text += "; that process has exited and its worker processes are closing, retry in a few seconds"
+        text += "; that process has exited, retry"
     return text

@@ -102,15 +102,7 @@ class Layout:
 
 def output_lock(layout: Layout) -> OutputLock:
     """The output's lock (not yet taken); taking it first checks that ``out`` can be this kind of output."""
-    lock = OutputLock(layout.lock, layout.final or layout.work)
-    take = lock.acquire
-
-    def acquire():
-        check_out_path(layout)
-        take()
-
-    lock.acquire = acquire
-    return lock
+    return OutputLock(layout.lock, layout.final or layout.work, check=lambda: check_out_path(layout))
 
 
 def check_out_path(layout: Layout) -> None:
