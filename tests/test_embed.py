@@ -369,4 +369,6 @@ def test_torchrun_two_processes(media, tmp_path):
     assert cli.main(["merge", str(out)]) == 1
     c = read_embeddings(out)
     assert c.paths == a.paths and torch.equal(c.video_embeds, b.video_embeds)
+    assert os.path.isdir(str(out) + ".shards")  # the embed run's --keep-shards holds for merge too
+    assert cli.main(["merge", str(out), "--no-keep-shards"]) == 1
     assert not os.path.exists(str(out) + ".shards")

@@ -3,8 +3,10 @@
 The pipeline behind ``pevideo embed`` / ``pevideo classify``, usable from Python. Modules, in the order a
 clip meets them: :mod:`.inputs` (files, folders, list files -> paths), :mod:`.session` (model, processor,
 device, dtype), :mod:`.workers` (decode + resize in worker processes), :mod:`.encode` (the encoding loop),
-:mod:`.store` (shards, manifest, merge, reading back), :mod:`.distributed` (torchrun), :mod:`.api` (the
-functions below) and :mod:`.cli` (``pevideo embed`` / ``classify`` / ``merge``).
+:mod:`.store` (shards, manifest, merge, reading back; with :mod:`.records` (what a shard holds, checked),
+:mod:`.fingerprint` (what a resume must match) and :mod:`.safeio` (lock, atomic writes, one-line
+:class:`StoreError` errors)), :mod:`.distributed` (torchrun), :mod:`.api` (the functions below) and :mod:`.cli`
+(``pevideo embed`` / ``classify`` / ``merge``).
 
 
 * :func:`embed_videos` yields one :class:`ClipResult` per video, in input order. Background worker
@@ -33,7 +35,7 @@ N clips and the ``errors`` as JSON. Failed videos have no row.
 from .api import ClassifyResult, classify_videos, embed_to_file, embed_videos
 from .encode import ClipResult, PipelineStats
 from .inputs import expand_inputs
-from .store import Embeddings, EmbedSummary, ManifestMismatchError, merge_shards, read_embeddings
+from .store import Embeddings, EmbedSummary, ManifestMismatchError, StoreError, merge_shards, read_embeddings
 
 __all__ = [
     "embed_videos",
@@ -48,4 +50,5 @@ __all__ = [
     "EmbedSummary",
     "PipelineStats",
     "ManifestMismatchError",
+    "StoreError",
 ]

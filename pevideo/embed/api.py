@@ -22,6 +22,7 @@ from .store import (
     fingerprint,
     merge_shards,
     model_id,
+    output_lock,
     prepare,
     sha256,
     shard_ok,
@@ -197,7 +198,8 @@ def embed_to_file(
             ``folder/errors.jsonl``. It is always written, empty when nothing failed.
         overwrite: remove a previous run's outputs first (else a run with different arguments is
             refused with :class:`ManifestMismatchError`, and one with the same arguments resumes).
-        keep_shards: keep the shard folder after joining a ``.safetensors`` output.
+        keep_shards: keep the shard folder after joining a ``.safetensors`` output (recorded in the
+            manifest: a later :func:`merge_shards` keeps them too).
         on_error: called with each failed :class:`ClipResult` as it happens (the CLI prints them).
         on_shard: called with each shard number once that shard is on disk.
         Other arguments as :func:`embed_videos`.
@@ -218,16 +220,18 @@ def embed_to_file(
                              "the output (no .safetensors suffix) to keep the shards")
     session = open_session(model, processor, device=device, dtype=dtype, fast=fast)
     dist = Dist(session.device)
+    lock = output_lock(layout)
     try:
+        dist.on_rank0(lock.acquire)  # one run at a time per output; rank 0 holds it for all ranks
         if not session.loaded:
             session.device = dist.device  # under torchrun: this rank's GPU
         fp = fingerprint(paths, model_id(session.source), session.processor, num_frames, fps, session.dtype, pooled,
-                         shard_size)
+                         shard_size, fast=session.fast)
         if apply_rotation:  # only when on, so that earlier runs' outputs keep their fingerprint
             fp["apply_rotation"] = True
         fp_sha = sha256(json.dumps(fp, sort_keys=True).encode())
         num_shards = math.ceil(len(paths) / shard_size)
-        if dist.on_rank0(prepare, layout, fp, fp_sha, num_shards, overwrite) == "complete":
+        if dist.on_rank0(prepare, layout, fp, fp_sha, num_shards, overwrite, keep_shards) == "complete":
             # Same arguments, already joined: nothing to do but restore the errors file if it was lost.
             summary = dist.on_rank0(summary_of_final, layout)
             summary.shards_skipped = num_shards
@@ -249,6 +253,7 @@ def embed_to_file(
         summary.stats = combine_stats([r[2] for r in ranks])
         return summary
     finally:
+        lock.release()  # a no-op on ranks other than 0
         dist.close()
 
 

@@ -89,7 +89,8 @@ def register(sub) -> None:
                        "output) and write the errors file.")
     p.add_argument("out", metavar="OUT", help="what was given to `pevideo embed --out`")
     p.add_argument("--errors", default=None, help="errors file (default as for embed)")
-    p.add_argument("--keep-shards", action="store_true", help="keep the shard folder after joining")
+    p.add_argument("--keep-shards", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the shard folder after joining (default: as `pevideo embed --keep-shards` chose)")
     p.set_defaults(func=run_merge)
 
 
@@ -103,7 +104,7 @@ def _guarded(cmd: str, fn) -> int:
     """Exit statuses: usage problems 2, crashes 3 (with the traceback), Ctrl-C 130."""
     import warnings
 
-    from .store import ManifestMismatchError
+    from .store import ManifestMismatchError, StoreError
 
     def show(message, category, filename, lineno, file=None, line=None):
         if _is_rank0():  # under torchrun, once rather than once per rank
@@ -113,6 +114,9 @@ def _guarded(cmd: str, fn) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = show  # one plain line, not the source line that raised it
             return fn()
+    except StoreError as exc:  # the output's files: one line naming the file, the cause and what to do
+        print(f"pevideo {cmd}: error: {exc}", file=sys.stderr)
+        return exc.exit_status
     except (ManifestMismatchError, FileNotFoundError, ValueError, TypeError) as exc:
         return _fail(cmd, exc)
     except KeyboardInterrupt:

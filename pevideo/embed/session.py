@@ -109,9 +109,14 @@ def _checkpoint_session(path, device, dtype, fast) -> Session:
     dev = resolve_device(device, default="auto")
     return Session(
         source=checkpoint, checkpoint=checkpoint, device=dev, dtype=resolve_dtype(dtype, dev),
-        fast=(dev.type == "cuda") if fast is None else bool(fast), processor=None,
+        fast=resolve_fast(fast, dev), processor=None,
         frame_size=checkpoint_frame_size(checkpoint),
     )
+
+
+def resolve_fast(fast, device: torch.device) -> bool:
+    """None: the fused kernels on a GPU, eager on CPU (where they would run in Triton's slow interpreter)."""
+    return (device.type == "cuda") if fast is None else bool(fast)
 
 
 def load_model(path, *, device=None, dtype=None, fast: bool | None = None):

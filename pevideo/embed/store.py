@@ -1,31 +1,76 @@
 """What a run writes and reads back: safetensors shards, the manifest (the run's fingerprint), the errors
-file, joining shards into one file (``merge_shards``) and reading results (``read_embeddings``)."""
+file, joining shards into one file (``merge_shards``) and reading results (``read_embeddings``).
+
+Every file is checked where it is read: each shard records its number, its range of inputs
+(``first_index``, ``end_index``) and a SHA-256 per tensor in its metadata, and a shard that is not what
+its place says (copied over another, swapped, damaged) is written again on resume and refused (naming
+it) by ``read_embeddings`` and ``merge_shards``; a joined file must hold every input exactly once, in
+order, before it is renamed into place. One run at a time writes an output (:class:`OutputLock`).
+Problems with the files raise :class:`StoreError` subclasses whose message is one line.
+"""
 from __future__ import annotations
 
-import functools
-import hashlib
+import errno
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from .encode import ClipResult, PipelineStats
+from .fingerprint import describe_mismatch, fingerprint, model_id, sha256  # noqa: F401 (api imports them here)
+from .records import (
+    FORMAT,
+    FORMAT_VERSION,
+    REDO,
+    complete_problem,
+    read_header,
+    serialize,
+    shard_problem,
+)
+from .safeio import (
+    DamagedOutputError,
+    OutputLock,
+    OutputLockedError,
+    OutputPathError,
+    StoreError,
+    StoreIOError,
+    atomic_write_bytes,
+    atomic_write_text,
+    io_errors,
+    remove_stale_temporaries,
+)
 
-__all__ = ["read_embeddings", "merge_shards", "Embeddings", "EmbedSummary", "ManifestMismatchError"]
+__all__ = [
+    "read_embeddings", "merge_shards", "Embeddings", "EmbedSummary", "ManifestMismatchError", "StoreError",
+    "StoreIOError", "OutputPathError", "OutputLockedError", "DamagedOutputError", "ShardsMissingError",
+    "output_lock", "fingerprint", "model_id",
+]
 
-FORMAT = "pevideo.embeddings"
-FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 1024
 
 # The safetensors header (where paths and errors go) is limited to 100 MB by its readers; stay well below.
 MAX_HEADER_JSON = 40_000_000
 
+class ManifestMismatchError(StoreError, ValueError):
+    """An output folder or file holds results made with different arguments (model, weights, frames,
+    inputs, ...). The message lists the differences, one per line."""
 
-class ManifestMismatchError(ValueError):
-    """An output folder or file holds results made with different arguments (model, frames, inputs, ...)."""
+    exit_status = 2
+
+    def __init__(self, path, cause: str, advice: str = ""):
+        StoreError.__init__(self, path, "", advice)
+        self.cause = cause
+        Exception.__init__(self, f"{self.path} holds results made with different arguments:\n{cause}\n{advice}")
+
+
+class ShardsMissingError(StoreError, ValueError):
+    """Some shards of the run are not written yet (the run was interrupted, or ranks are still working)."""
+
+    exit_status = 2
 
 
 @dataclass
@@ -46,111 +91,51 @@ class Layout:
     def manifest(self) -> str:
         return os.path.join(self.work, "manifest.json")
 
+    @property
+    def lock(self) -> str:
+        """``X.safetensors.lock`` beside a one-file output; ``FOLDER/.pevideo.lock`` in a folder output."""
+        return self.final + ".lock" if self.final is not None else os.path.join(self.work, ".pevideo.lock")
+
     def shard(self, s: int) -> str:
         return os.path.join(self.work, f"shard-{s:05d}.safetensors")
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def output_lock(layout: Layout) -> OutputLock:
+    """The output's lock (not yet taken); taking it first checks that ``out`` can be this kind of output."""
+    return OutputLock(layout.lock, layout.final or layout.work, check=lambda: check_out_path(layout))
 
 
-def fingerprint(paths, model_id, processor, num_frames, fps, dtype, pooled, shard_size) -> dict:
-    """Everything that decides the numbers written (not how fast): a rerun must match it exactly.
-    ``processor`` None: PE's default preprocessing at the model's frame size (see :func:`load_processor`)."""
-    proc = {"default": True}
-    if processor is not None:
-        proc = {k: v for k, v in processor.to_dict().items()
-                if k not in ("num_frames", "fps", "do_sample_frames", "return_metadata")}
-    return {
-        "model": model_id,
-        "processor": proc,
-        "num_frames": num_frames,
-        "fps": fps,
-        "dtype": str(dtype).replace("torch.", ""),
-        "pooled": bool(pooled),
-        "shard_size": int(shard_size),
-        "num_inputs": len(paths),
-        "inputs_sha256": sha256("\0".join(paths).encode("utf-8", "surrogateescape")),
-    }
-
-
-def model_id(model) -> dict:
-    """A checkpoint folder: its absolute path and config.json's hash; a model object: its config's hash
-    and a checksum of a few weights."""
-    if isinstance(model, (str, os.PathLike)):
-        p = os.fspath(model)
-        if os.path.isdir(p):
-            cfg = os.path.join(p, "config.json")
-            sha = None
-            if os.path.isfile(cfg):
-                with open(cfg, "rb") as f:
-                    sha = sha256(f.read())
-            return {"path": os.path.realpath(p), "config_sha256": sha}
-        return {"hub_id": p}
-    with torch.no_grad():
-        w = model.video_head.proj.weight.double()
-        checksum = f"{w.sum().item():.6e}/{w.abs().sum().item():.6e}"
-    return {"object": type(model).__name__, "config_sha256": sha256(model.config.to_json_string().encode()),
-            "weights_checksum": checksum}
-
-
-def _describe_mismatch(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    lines = []
-    for k in keys:
-        if old.get(k) != new.get(k):
-            if k == "inputs_sha256" and old.get("num_inputs") == new.get("num_inputs"):
-                lines.append("  inputs: the same number of videos, but a different list")
-            elif k != "inputs_sha256":
-                lines.append(f"  {k}: was {old.get(k)!r}, now {new.get(k)!r}")
-    return "\n".join(lines) or "  (format)"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_atomic(tensors: dict, metadata: dict, path: str) -> None:
-    """Write under a temporary name, flush to disk, then rename: a reader sees a complete file or none."""
-    from safetensors.torch import save_file
-
-    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp.{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # the writer creates 0600 files; make them like any other output
-    os.replace(tmp, path)
-
-
-@functools.lru_cache(maxsize=None)
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it right back (once per process)
-    os.umask(mask)
-    return mask
-
-
-def _read_header(path: str) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+def check_out_path(layout: Layout) -> None:
+    """A file where a folder goes (or the other way round) is refused before anything is written."""
+    if layout.final is not None:
+        if os.path.isdir(layout.final):
+            raise OutputPathError(layout.final, "is a folder, not a .safetensors file",
+                                  "give a new file name, or the folder name without .safetensors for a folder of shards")
+        if os.path.exists(layout.work) and not os.path.isdir(layout.work):
+            raise OutputPathError(layout.work, "is not a folder (the shards of this output go there)",
+                                  "move it away, or give another --out")
+    elif os.path.exists(layout.work) and not os.path.isdir(layout.work):
+        raise OutputPathError(layout.work, "is a file, not a folder (an --out without .safetensors is a folder of shards)",
+                              "give another --out, or X.safetensors for one file")
 
 
 def shard_ok(path: str, fp_sha: str) -> bool:
-    """A finished shard of this run: readable, and made with the same fingerprint."""
+    """A finished shard of this run, in its place (checked against the manifest beside it). A file
+    there that is not is written again, with a warning saying why."""
     if not os.path.isfile(path):
         return False
+    m = re.fullmatch(r"shard-([0-9]+)\.safetensors", os.path.basename(path))
     try:
-        meta = _read_header(path)
-    except Exception:  # a damaged shard (disk full, ...) is redone
-        warnings.warn(f"{path} is unreadable; it will be written again", stacklevel=2)
+        man = _read_manifest(Layout(None, os.path.dirname(path), ""))
+        if m is None or man.get("fingerprint") != fp_sha:
+            return False
+        problem, _ = shard_problem(path, int(m.group(1)), man, full=False)
+    except (StoreError, FileNotFoundError) as exc:  # a damaged shard (disk full, ...) is redone
+        warnings.warn(f"{path} is unreadable ({getattr(exc, 'cause', exc)}); it will be written again", stacklevel=2)
         return False
-    return meta.get("format") == FORMAT and meta.get("fingerprint") == fp_sha
+    if problem is not None:
+        warnings.warn(f"{path} {problem}; it will be written again", stacklevel=2)
+    return problem is None
 
 
 def _rows(results: list[ClipResult], dims: tuple[int, int], pooled: bool, width: int) -> dict:
@@ -172,16 +157,22 @@ def _rows(results: list[ClipResult], dims: tuple[int, int], pooled: bool, width:
 
 
 def write_shard(layout: Layout, s: int, results: list[ClipResult], fp_sha: str, dims, pooled, width) -> None:
+    """Shard ``s``: every clip of its input range, in order (``results``, failed ones included)."""
+    start, end = (results[0].index, results[-1].index + 1) if results else (0, 0)
+    if [r.index for r in results] != list(range(start, end)):
+        raise RuntimeError(f"shard {s}: results are not one run of consecutive inputs")  # a bug, not bad data
     errors = [{"index": r.index, "path": r.path, "error": r.error} for r in results if not r.ok]
     meta = {
         "format": FORMAT,
         "version": str(FORMAT_VERSION),
         "fingerprint": fp_sha,
         "shard": str(s),
+        "first_index": str(start),
+        "end_index": str(end),
         "paths": json.dumps([r.path for r in results if r.ok]),
         "errors": json.dumps(errors),
     }
-    _save_atomic(_rows(results, dims, pooled, width), meta, layout.shard(s))
+    atomic_write_bytes(layout.shard(s), serialize(_rows(results, dims, pooled, width), meta))
 
 
 @dataclass
@@ -212,67 +203,104 @@ class Embeddings:
                 f"{len(self.errors)} failed, num_frames={self.config.get('num_frames')})")
 
 
-def _load_file(path: str) -> tuple[dict, dict]:
+def _load_final(path: str) -> tuple[dict, dict]:
+    """A joined file, checked: every input exactly once, in order, checksums intact."""
     from safetensors.torch import load_file
 
-    meta = _read_header(path)
+    meta = read_header(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a pevideo embeddings file")
-    return load_file(path), meta
+        raise DamagedOutputError(path, "is not a pevideo embeddings file", "give the file `pevideo embed --out` wrote")
+    with io_errors(path, "read"):
+        tensors = load_file(path)
+    try:
+        config = json.loads(meta.get("config", "{}"))
+    except ValueError:
+        config = {}
+    problem = complete_problem(tensors, meta, config)
+    if problem is not None:
+        raise DamagedOutputError(path, problem, "delete it and rerun the same `pevideo embed` command to make it again")
+    return tensors, meta
+
+
+def _join_tensors(parts: list[tuple[dict, dict]]) -> dict:
+    """Concatenate the shards' tensors (in order); sampled_indices padded with -1 to the widest."""
+    width = max((t["sampled_indices"].shape[1] for t, _ in parts if "sampled_indices" in t), default=0)
+    out = {}
+    for name in dict.fromkeys(k for t, _ in parts for k in t):
+        ts = [t[name] for t, _ in parts if name in t]
+        if name == "sampled_indices":
+            ts = [torch.nn.functional.pad(x, (0, width - x.shape[1]), value=-1) for x in ts]
+        out[name] = torch.cat(ts)
+    return out
 
 
 def _join(parts: list[tuple[dict, dict]], config: dict) -> Embeddings:
-    """Concatenate shards (in order); pad sampled_indices to the widest."""
-    width = max((t["sampled_indices"].shape[1] for t, _ in parts), default=0)
-
-    def cat(name):
-        ts = [t[name] for t, _ in parts if name in t]
-        return torch.cat(ts) if ts else None
-
-    idx = [torch.nn.functional.pad(t["sampled_indices"], (0, width - t["sampled_indices"].shape[1]), value=-1)
-           for t, _ in parts]
+    t = _join_tensors(parts)
     paths, errors = [], []
     for _, m in parts:
         paths += json.loads(m.get("paths", "[]"))
         errors += json.loads(m.get("errors", "[]"))
     return Embeddings(
-        video_embeds=cat("video_embeds"), pooled=cat("pooled"), frame_counts=cat("frame_counts"),
-        sampled_indices=torch.cat(idx) if idx else torch.zeros(0, 0, dtype=torch.int32),
-        input_index=cat("input_index"), paths=paths, errors=sorted(errors, key=lambda e: e["index"]), config=config,
+        video_embeds=t["video_embeds"], pooled=t.get("pooled"), frame_counts=t["frame_counts"],
+        sampled_indices=t.get("sampled_indices", torch.zeros(0, 0, dtype=torch.int32)),
+        input_index=t["input_index"], paths=paths, errors=sorted(errors, key=lambda e: e["index"]), config=config,
     )
 
 
 def _read_manifest(layout: Layout) -> dict:
+    """The run's manifest; a garbage one raises DamagedOutputError (delete the folder or --overwrite)."""
     try:
-        with open(layout.manifest, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no embeddings at {layout.final or layout.work} (no manifest {layout.manifest})") from None
+        with io_errors(layout.manifest, "read"), open(layout.manifest, "rb") as f:
+            data = f.read()
+    except StoreIOError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(f"no embeddings at {layout.final or layout.work} (no manifest {layout.manifest})") from None
+        raise
+    try:
+        man = json.loads(data.decode("utf-8"))
+        if not isinstance(man, dict) or man.get("format") != FORMAT:
+            raise ValueError("not a pevideo manifest")
+        for key in ("fingerprint", "config", "num_shards"):
+            if key not in man:
+                raise ValueError(f"no {key!r}")
+        int(man["config"]["shard_size"]), int(man["config"]["num_inputs"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DamagedOutputError(layout.manifest, f"is not a pevideo manifest ({exc})",
+                                 f"delete {layout.work} (or rerun `pevideo embed` with --overwrite) to start over") from None
+    return man
 
 
-def _check_all_shards(layout: Layout, man: dict) -> None:
-    """Raise ValueError naming the shards of the manifest's run that are not (yet) on disk."""
-    missing = [s for s in range(man["num_shards"]) if not shard_ok(layout.shard(s), man["fingerprint"])]
+def _check_all_shards(layout: Layout, man: dict, full: bool = False) -> list:
+    """Every shard of the manifest's run, checked (loaded when ``full``): ShardsMissingError naming the
+    missing ones, DamagedOutputError naming the first that is not what its place says."""
+    missing = [s for s in range(man["num_shards"]) if not os.path.isfile(layout.shard(s))]
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise ValueError(
-            f"{layout.work}: {len(missing)} of {man['num_shards']} shards are missing or unfinished ({shown}); "
-            "rerun `pevideo embed` with the same arguments to finish them"
-        )
+        raise ShardsMissingError(
+            layout.work, f"{len(missing)} of {man['num_shards']} shards are missing or unfinished ({shown})",
+            "rerun `pevideo embed` with the same arguments to finish them")
+    parts = []
+    for s in range(man["num_shards"]):
+        problem, loaded = shard_problem(layout.shard(s), s, man, full)
+        if problem is not None:
+            raise DamagedOutputError(layout.shard(s), problem, REDO)
+        parts.append(loaded)
+    return parts
 
 
 def _read_shards(layout: Layout) -> Embeddings:
     man = _read_manifest(layout)
-    _check_all_shards(layout, man)
-    return _join([_load_file(layout.shard(s)) for s in range(man["num_shards"])], man["config"])
+    return _join(_check_all_shards(layout, man, full=True), man["config"])
 
 
 def read_embeddings(path) -> Embeddings:
     """Read an embedding run's output: the ``.safetensors`` file, or the folder of shards (``out`` without
-    the suffix). A ``.safetensors`` output whose shards were never joined is read from its shards."""
+    the suffix). A ``.safetensors`` output whose shards were never joined is read from its shards.
+    Every file is checked (see the module docstring): a damaged or misplaced one raises
+    :class:`DamagedOutputError` naming it, unfinished shards :class:`ShardsMissingError`."""
     layout = Layout.of(path)
     if layout.final is not None and os.path.isfile(layout.final):
-        tensors, meta = _load_file(layout.final)
+        tensors, meta = _load_final(layout.final)
         return _join([(tensors, meta)], json.loads(meta.get("config", "{}")))
     if layout.final is None and not os.path.isdir(layout.work):
         raise FileNotFoundError(f"no embeddings at {layout.work}")
@@ -300,104 +328,140 @@ class EmbedSummary:
         return 1 if self.num_failed else 0
 
 
-def prepare(layout: Layout, fp: dict, fp_sha: str, num_shards: int, overwrite: bool) -> str:
-    """Rank 0: check or create the manifest; 'complete' when the joined file is already there."""
+def prepare(layout: Layout, fp: dict, fp_sha: str, num_shards: int, overwrite: bool, keep_shards: bool = False) -> str:
+    """Rank 0, holding the output's lock: check or create the manifest (recording ``keep_shards`` for a
+    later ``pevideo merge``) and remove what crashed writers left; 'complete' when the joined file is
+    already there."""
+    check_out_path(layout)
     if overwrite:
         _remove_outputs(layout)
+    _remove_temporaries(layout)
     if layout.final is not None and os.path.isfile(layout.final):
-        meta = _read_header(layout.final)
+        meta = read_header(layout.final)
         if meta.get("fingerprint") != fp_sha:
-            old = json.loads(meta.get("config", "{}"))
+            try:
+                old = json.loads(meta.get("config", "{}"))
+            except ValueError:
+                old = {}
             raise ManifestMismatchError(
-                f"{layout.final} holds results made with different arguments:\n{_describe_mismatch(old, fp)}\n"
-                "use another --out, or --overwrite to replace it"
-            )
+                layout.final, describe_mismatch(old, fp),
+                "use another --out, or --overwrite to replace it")
         return "complete"
-    os.makedirs(layout.work, exist_ok=True)
+    with io_errors(layout.work):
+        os.makedirs(layout.work, exist_ok=True)
     if os.path.isfile(layout.manifest):
         man = _read_manifest(layout)
         if man.get("fingerprint") != fp_sha:
             raise ManifestMismatchError(
-                f"{layout.work} holds results made with different arguments:\n"
-                f"{_describe_mismatch(man.get('config', {}), fp)}\nuse another --out, or --overwrite to start over"
-            )
+                layout.work, describe_mismatch(man.get("config", {}), fp), "use another --out, or --overwrite to start over")
+        if man.get("keep_shards") != bool(keep_shards):  # the latest embed run's choice counts
+            man["keep_shards"] = bool(keep_shards)
+            atomic_write_text(layout.manifest, json.dumps(man, indent=2) + "\n")
     else:
         man = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fp_sha, "config": fp,
-               "num_shards": num_shards}
-        _atomic_write_text(layout.manifest, json.dumps(man, indent=2) + "\n")
-    for name in os.listdir(layout.work):  # leftovers of an interrupted write
-        if name.startswith(".shard-") and ".tmp." in name:
-            os.remove(os.path.join(layout.work, name))
+               "num_shards": num_shards, "keep_shards": bool(keep_shards)}
+        atomic_write_text(layout.manifest, json.dumps(man, indent=2) + "\n")
     return "todo"
+
+
+def _remove_temporaries(layout: Layout) -> None:
+    """Temporaries of crashed or killed writers of this output (of older runs: this one holds the lock)."""
+    from .safeio import lock_time
+
+    since = lock_time(layout.lock)
+    remove_stale_temporaries(layout.work, ("shard-*.safetensors", "manifest.json", "errors.jsonl"), since)
+    if layout.final is not None:
+        remove_stale_temporaries(os.path.dirname(layout.final) or ".", (os.path.basename(layout.final),), since)
+    remove_stale_temporaries(os.path.dirname(layout.errors) or ".", (os.path.basename(layout.errors),), since)
 
 
 def _remove_outputs(layout: Layout) -> None:
     """Remove what a previous run wrote (only our own file names, never a whole user folder)."""
-    for p in (layout.final, layout.errors):
-        if p is not None and os.path.isfile(p):
-            os.remove(p)
-    if os.path.isdir(layout.work):
-        for name in os.listdir(layout.work):
-            ours = name in ("manifest.json", "errors.jsonl") or (
-                name.startswith(("shard-", ".shard-")) and ".safetensors" in name)
-            if ours:
-                os.remove(os.path.join(layout.work, name))
-        if layout.final is not None and not os.listdir(layout.work):
-            os.rmdir(layout.work)
+    with io_errors(layout.work):
+        for p in (layout.final, layout.errors):
+            if p is not None and os.path.isfile(p):
+                os.remove(p)
+        if os.path.isdir(layout.work):
+            for name in os.listdir(layout.work):
+                ours = name in ("manifest.json", "errors.jsonl") or (
+                    name.startswith(("shard-", ".shard-")) and ".safetensors" in name) or (
+                    name.startswith((".manifest.json.tmp.", ".errors.jsonl.tmp.")))
+                if ours:
+                    os.remove(os.path.join(layout.work, name))
+            if layout.final is not None and not os.listdir(layout.work):
+                os.rmdir(layout.work)
 
 
 def _write_errors(path: str, errors: list[dict]) -> None:
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    _atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in sorted(errors, key=lambda e: e["index"])))
+    with io_errors(path):
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in sorted(errors, key=lambda e: e["index"])))
 
 
 def summary_of_final(layout: Layout) -> EmbedSummary:
     """A joined file is complete: (re)write its errors file from its header and sum it up."""
-    meta = _read_header(layout.final)
-    errs = json.loads(meta.get("errors", "[]"))
+    meta = read_header(layout.final)
+    try:
+        errs = json.loads(meta.get("errors", "[]"))
+        n_in = int(meta.get("num_inputs", "0"))
+        shard_size = json.loads(meta.get("config", "{}")).get("shard_size", n_in or 1)
+    except ValueError as exc:
+        raise DamagedOutputError(layout.final, f"has damaged metadata ({exc})",
+                                 "delete it and rerun the same `pevideo embed` command to make it again") from None
     _write_errors(layout.errors, errs)
-    n_in = int(meta.get("num_inputs", "0"))
-    num_shards = math.ceil(n_in / json.loads(meta.get("config", "{}")).get("shard_size", n_in or 1))
+    num_shards = math.ceil(n_in / shard_size)
     return EmbedSummary(layout.final, layout.errors, n_in, n_in - len(errs), len(errs), num_shards)
 
 
-def merge_shards(out, *, keep_shards: bool = False, errors=None) -> EmbedSummary:
+def merge_shards(out, *, keep_shards: bool | None = None, errors=None) -> EmbedSummary:
     """Finish a run whose shards are all written (e.g. a multi-GPU run stopped before rank 0 joined them).
 
-    ``out`` as given to :func:`embed_to_file`. For a ``.safetensors`` output, joins the shards into it
-    (written under a temporary name, then renamed) and removes the shard folder unless ``keep_shards``;
-    for a folder output, the shards stay as they are. Either way writes the errors file. Raises
-    ValueError naming the shards still missing.
+    ``out`` as given to :func:`embed_to_file`. For a ``.safetensors`` output, checks every shard and the
+    joined result (each input once, in order), writes it under a temporary name and renames it, then
+    removes the shard folder unless ``keep_shards`` (None: as the embed run that made the shards chose,
+    recorded in its manifest). For a folder output, the shards stay as they are. Either way writes the
+    errors file. Takes the output's lock. Raises :class:`ShardsMissingError` naming the shards still
+    missing, :class:`DamagedOutputError` naming a damaged or misplaced one.
     """
     layout = Layout.of(out, errors)
+    with output_lock(layout):
+        return _merge(layout, keep_shards)
+
+
+def _merge(layout: Layout, keep_shards: bool | None) -> EmbedSummary:
     if layout.final is not None and os.path.isfile(layout.final) and not os.path.isdir(layout.work):
         return summary_of_final(layout)
     man = _read_manifest(layout)
+    keep = bool(man.get("keep_shards", False)) if keep_shards is None else bool(keep_shards)
     if layout.final is None:
         # The shards are the output and stay where they are: check them and gather their errors.
         _check_all_shards(layout, man)
         errs = []
         for s in range(man["num_shards"]):
-            errs += json.loads(_read_header(layout.shard(s)).get("errors", "[]"))
+            errs += json.loads(read_header(layout.shard(s)).get("errors", "[]"))
     else:
-        emb = _read_shards(layout)
-        errs = emb.errors
-        tensors = {"video_embeds": emb.video_embeds, "frame_counts": emb.frame_counts,
-                   "sampled_indices": emb.sampled_indices, "input_index": emb.input_index}
-        if emb.pooled is not None:
-            tensors["pooled"] = emb.pooled
+        parts = _check_all_shards(layout, man, full=True)
+        tensors = _join_tensors(parts)
+        paths, errs = [], []
+        for _, m in parts:
+            paths += json.loads(m.get("paths", "[]"))
+            errs += json.loads(m.get("errors", "[]"))
+        errs.sort(key=lambda e: e["index"])
         meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "fingerprint": man["fingerprint"],
                 "config": json.dumps(man["config"]), "num_inputs": str(man["config"]["num_inputs"]),
-                "paths": json.dumps(emb.paths), "errors": json.dumps(errs)}
-        _save_atomic(tensors, meta, layout.final)
+                "paths": json.dumps(paths), "errors": json.dumps(errs)}
+        problem = complete_problem(tensors, meta, man["config"])
+        if problem is not None:  # the shards passed their own checks, so they do not fit together
+            raise DamagedOutputError(layout.work, f"the joined shards are not the run's output: {problem}",
+                                     f"delete {layout.work} and rerun `pevideo embed` to redo the run")
+        atomic_write_bytes(layout.final, serialize(tensors, meta))
     _write_errors(layout.errors, errs)
-    if layout.final is not None and not keep_shards:
+    if layout.final is not None and not keep:
         _remove_outputs(Layout(None, layout.work, os.path.join(layout.work, "errors.jsonl")))
-        if os.path.isdir(layout.work) and not os.listdir(layout.work):
-            os.rmdir(layout.work)
+        with io_errors(layout.work):
+            if os.path.isdir(layout.work) and not os.listdir(layout.work):
+                os.rmdir(layout.work)
     n_in = man["config"]["num_inputs"]
     return EmbedSummary(layout.final or layout.work, layout.errors, n_in, n_in - len(errs), len(errs), man["num_shards"])
-
-
