@@ -227,6 +227,21 @@ def test_interrupt_and_internal_errors(media, tmp_path, capsys, monkeypatch):
     assert err == ["pevideo embed: error: /x/e.safetensors: truncated (12 of 4096 bytes)"]
 
 
+def test_damaged_outputs_are_one_line_file_errors(media, tmp_path, capsys):
+    common = ["--model", media["ckpt"], "--num-frames", NF, "--workers", 0, "-q"]
+    zero = tmp_path / "zero.safetensors"
+    zero.write_bytes(b"")  # a 0-byte final file (a crash or a full disk)
+    assert run("embed", media["videos"], *common, "--out", zero) == 3
+    out, err = err_lines(capsys)
+    assert len(err) == 1 and str(zero) in err[0] and "damaged" in err[0] and "internal error" not in err[0], err
+    garbage = tmp_path / "g"
+    garbage.mkdir()
+    (garbage / "manifest.json").write_text("not json")
+    assert run("embed", media["videos"], *common, "--out", garbage) == 3
+    out, err = err_lines(capsys)
+    assert len(err) == 1 and str(garbage) in err[0] and "damaged" in err[0], err
+
+
 def test_merge_of_nothing_is_a_usage_error(tmp_path, capsys):
     assert run("merge", tmp_path / "none.safetensors") == 2
     out, err = err_lines(capsys)

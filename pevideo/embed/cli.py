@@ -128,10 +128,12 @@ def _one_line(exc: BaseException) -> str:
     return text.strip()
 
 
-def _guarded(cmd: str, fn, resumable=lambda: 0) -> int:
+def _guarded(cmd: str, fn, resumable=lambda: 0, where: str | None = None) -> int:
     """Run ``fn`` and turn what it raises into an exit status and one line on stderr (see EXIT_STATUS):
     usage problems 2, failures on files or inside pevideo 3, Ctrl-C 130. ``resumable()``: how many
-    finished shards a rerun would keep (said only then: "rerun the same command to resume")."""
+    finished shards a rerun would keep (said only then: "rerun the same command to resume"). ``where``:
+    the output the command works on, named when a file there turns out damaged (a JSON or safetensors
+    reader's error does not say which file it read)."""
     import warnings
 
     from ..errors import PevideoError, UsageError
@@ -165,6 +167,10 @@ def _guarded(cmd: str, fn, resumable=lambda: 0) -> int:
         traceback_if_asked()
         print(f"pevideo {cmd}: error: {_one_line(exc)}{advice()}", file=sys.stderr)
         return 3
+    except json.JSONDecodeError as exc:  # a damaged manifest / metadata: a file's fault, not the command's
+        traceback_if_asked()
+        print(f"pevideo {cmd}: error: {where or 'the output'}: damaged (a JSON file in it: {exc})", file=sys.stderr)
+        return 3
     except (FileNotFoundError, ValueError, TypeError) as exc:  # a missing input/checkpoint, bad values
         traceback_if_asked()
         return _fail(cmd, _one_line(exc))
@@ -177,6 +183,10 @@ def _guarded(cmd: str, fn, resumable=lambda: 0) -> int:
         return 130
     except Exception as exc:  # a bug: still one line, the traceback on demand
         traceback_if_asked()
+        if type(exc).__module__.startswith("safetensors") or type(exc).__name__ == "SafetensorError":
+            print(f"pevideo {cmd}: error: {where or 'the output'}: damaged (a .safetensors file: {exc})",
+                  file=sys.stderr)
+            return 3
         hint = "" if os.environ.get("PEVIDEO_DEBUG") else " (internal error; PEVIDEO_DEBUG=1 shows the traceback)"
         print(f"pevideo {cmd}: error: {_one_line(exc)}{hint}{advice()}", file=sys.stderr)
         return 3
@@ -263,7 +273,7 @@ def run_embed(args: argparse.Namespace) -> int:
         # failing rank 0 does not get the others killed while they are still closing down.
         return summary.exit_status if _is_rank0() else 0
 
-    return _guarded("embed", go, resumable=lambda: _finished_shards(args.out))
+    return _guarded("embed", go, resumable=lambda: _finished_shards(args.out), where=args.out)
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -277,7 +287,7 @@ def run_merge(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr)
         return summary.exit_status
 
-    return _guarded("merge", go)
+    return _guarded("merge", go, where=args.out)
 
 
 def _labels(args) -> list[str]:
