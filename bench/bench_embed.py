@@ -16,6 +16,15 @@ L/14 at 336 px, default on a GPU, bf16 with the fused kernels), ``tiny`` / ``red
 
     python bench/bench_embed.py --out bench/results/cpu-embed.json        # CPU: tiny model, ~1 min
     python bench/bench_embed.py --workers 4,8,15 --clips 512              # GPU: pe-av-large
+
+Run-to-run steadiness (issue 12: 5.5 / 5.3 / 5.7 / 20.4 clips/s on identical runs when the decoding workers
+and the encoder oversubscribed 2 cores): ``--repeats N`` runs each worker count N times, interleaved so that
+a busy machine slows all of them alike, and reports min / median / max and the spread (max / min - 1),
+with the load average around each run. The CPU scenario of the issue (40 tiny clips, shards of 10,
+batches of 4, the default worker count):
+
+    python bench/bench_embed.py --workers default --repeats 3 --clips 40 --unique 40 --size 48x64 \
+        --seconds 1.2 --shard-size 10 --batch-size 4 --num-frames 16 --out bench/results/cpu-embed-steady.json
 """
 from __future__ import annotations
 
@@ -144,9 +153,10 @@ def run(args) -> dict:
     preset = args.preset or ("pe-av-large" if gpu else "tiny")
     dtype = resolve_dtype(args.dtype, device)
     fast = gpu if args.fast is None else args.fast
-    workers = [int(w) for w in (args.workers or ("0,4,8," + str(max(1, (os.cpu_count() or 2) - 1)) if gpu
-                                                 else "0,1")).split(",")]
-    workers = sorted(set(workers))
+    from pevideo.embed.workers import default_workers, encoder_threads
+
+    spec = args.workers or ("0,4,8," + str(max(1, (os.cpu_count() or 2) - 1)) if gpu else "0,1")
+    workers = sorted({default_workers() if w.strip() == "default" else int(w) for w in spec.split(",")})
     model = build_model(preset, device, dtype, fast)
     h, w = model.video_encoder.vit.args.img_size
     processor = PeVideoVideoProcessor(size={"height": h, "width": w})
@@ -163,40 +173,64 @@ def run(args) -> dict:
             print(f"wrote {source} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         clips = args.clips or (256 if gpu else 32)
         paths = [unique[i % len(unique)] for i in range(clips)]
-        ceiling = encode_only(model, processor, unique, args.num_frames, args.batch_size, device,
-                              budget_s=10.0 if gpu else 5.0)
-        print(f"encoder alone: {ceiling:.1f} clips/s ({preset}, {str(dtype).replace('torch.', '')}, "
+        # The encoder alone, with the threads the pipeline gives it beside the fewest (nonzero) workers.
+        threads_before = torch.get_num_threads()
+        ceiling_threads = min(threads_before, encoder_threads(min([w for w in workers if w > 0], default=0)))
+        torch.set_num_threads(ceiling_threads)
+        try:
+            ceiling = encode_only(model, processor, unique, args.num_frames, args.batch_size, device,
+                                  budget_s=10.0 if gpu else 5.0)
+        finally:
+            torch.set_num_threads(threads_before)
+        print(f"encoder alone: {ceiling:.1f} clips/s on {ceiling_threads} thread(s) ({preset}, "
+              f"{str(dtype).replace('torch.', '')}, "
               f"fast={fast}, batch {args.batch_size} x {args.num_frames} frames)", file=sys.stderr)
 
+        runs = {nw: [] for nw in workers}
+        for rep in range(args.repeats):  # interleaved: a busy spell slows every worker count alike
+            for nw in workers:
+                out = os.path.join(tmp, f"emb-{nw}.safetensors")
+                load_before = os.getloadavg()[0]
+                with GpuSampler(device) as sampler:
+                    t0 = time.perf_counter()
+                    summary = embed_to_file(paths, model, out, processor=processor, num_frames=args.num_frames,
+                                            batch_size=args.batch_size, shard_size=args.shard_size, num_workers=nw,
+                                            progress=False, overwrite=True)
+                    wall = time.perf_counter() - t0
+                st = summary.stats
+                run_ = dict(
+                    clips=summary.num_embedded, failed=summary.num_failed, wall_s=round(wall, 3),
+                    clips_per_s=round(summary.num_embedded / wall, 2), frames_per_s=round(st.frames / wall, 1),
+                    waited_on_decoding=round(st.wait_fraction, 3),
+                    encoder_busy=round(min(1.0, summary.num_embedded / wall / ceiling), 3),
+                    gpu_util=None if sampler.mean is None else round(sampler.mean / 100, 3),
+                    load_avg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+                )
+                runs[nw].append(run_)
+                print(f"workers {nw:>2} run {rep + 1}: {run_['clips_per_s']:8.1f} clips/s  waited on decoding "
+                      f"{100 * run_['waited_on_decoding']:5.1f}%  encoder busy {100 * run_['encoder_busy']:5.1f}%"
+                      + (f"  GPU util {100 * run_['gpu_util']:5.1f}%" if run_["gpu_util"] is not None else "")
+                      + f"  load {load_before:.1f}", file=sys.stderr)
         rows = []
         for nw in workers:
-            out = os.path.join(tmp, f"emb-{nw}.safetensors")
-            with GpuSampler(device) as sampler:
-                t0 = time.perf_counter()
-                summary = embed_to_file(paths, model, out, processor=processor, num_frames=args.num_frames,
-                                        batch_size=args.batch_size, shard_size=args.shard_size, num_workers=nw,
-                                        progress=False, overwrite=True)
-                wall = time.perf_counter() - t0
-            st = summary.stats
-            row = dict(
-                workers=nw, clips=summary.num_embedded, failed=summary.num_failed, wall_s=round(wall, 3),
-                clips_per_s=round(summary.num_embedded / wall, 2), frames_per_s=round(st.frames / wall, 1),
-                waited_on_decoding=round(st.wait_fraction, 3),
-                encoder_busy=round(min(1.0, summary.num_embedded / wall / ceiling), 3),
-                gpu_util=None if sampler.mean is None else round(sampler.mean / 100, 3),
-            )
+            rates = sorted(r["clips_per_s"] for r in runs[nw])
+            median = float(np.median(rates))
+            row = dict(runs[nw][-1] if args.repeats == 1 else {}, workers=nw,
+                       encoder_threads=min(torch.get_num_threads(), encoder_threads(nw)))
+            if args.repeats > 1:
+                row.update(clips_per_s_min=rates[0], clips_per_s_median=round(median, 2), clips_per_s_max=rates[-1],
+                           spread=round(rates[-1] / rates[0] - 1, 3), runs=runs[nw])
+                print(f"workers {nw:>2}: {rates[0]:.1f} / {median:.1f} / {rates[-1]:.1f} clips/s (min / median / max "
+                      f"of {args.repeats}), spread {100 * (rates[-1] / rates[0] - 1):.0f}%", file=sys.stderr)
             rows.append(row)
-            print(f"workers {nw:>2}: {row['clips_per_s']:8.1f} clips/s  waited on decoding "
-                  f"{100 * row['waited_on_decoding']:5.1f}%  encoder busy {100 * row['encoder_busy']:5.1f}%"
-                  + (f"  GPU util {100 * row['gpu_util']:5.1f}%" if row["gpu_util"] is not None else ""),
-                  file=sys.stderr)
 
     return dict(
         benchmark="embed",
         device=torch.cuda.get_device_name(device) if gpu else _cpu_name(),
-        cpu_count=os.cpu_count(), preset=preset, dtype=str(dtype).replace("torch.", ""), fast=fast,
+        cpu_count=os.cpu_count(), cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(), torch_threads=torch.get_num_threads(), preset=preset, dtype=str(dtype).replace("torch.", ""), fast=fast,
         num_frames=args.num_frames, batch_size=args.batch_size, clips=clips, source=source,
-        encoder_only_clips_per_s=round(ceiling, 2), results=rows,
+        encoder_only_clips_per_s=round(ceiling, 2), encoder_only_threads=ceiling_threads, results=rows,
         torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
     )
 
@@ -210,8 +244,10 @@ def main(argv=None) -> int:
     p.add_argument("--size", default=None, help="synthetic video size HxW (default 360x640 on GPU, 240x320 on CPU)")
     p.add_argument("--preset", choices=["tiny", "reduced", "pe-av-large"], default=None,
                    help="model size (default: pe-av-large on a GPU, tiny on CPU)")
-    p.add_argument("--workers", default=None, help="comma-separated decoder worker counts (default 0,4,8,cores-1 on "
-                   "a GPU; 0,1 on CPU)")
+    p.add_argument("--workers", default=None, help="comma-separated decoder worker counts, 'default' = pevideo's "
+                   "default (default 0,4,8,cores-1 on a GPU; 0,1 on CPU)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per worker count, interleaved; >1 reports min / "
+                   "median / max and the spread (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=1024)
@@ -222,6 +258,8 @@ def main(argv=None) -> int:
     g.add_argument("--eager", dest="fast", action="store_const", const=False)
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     gpu = args.device.startswith("cuda")
     args.seconds = args.seconds if args.seconds is not None else (10.0 if gpu else 2.0)
     args.size = args.size or ("360x640" if gpu else "240x320")

@@ -8,7 +8,10 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pevideo", description="Fast PE Video inference.")
+    from .embed.cli import EXIT_STATUS
+
+    parser = argparse.ArgumentParser(prog="pevideo", description="Fast PE Video inference.", epilog=EXIT_STATUS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     from . import bench

@@ -26,8 +26,10 @@ device, dtype), :mod:`.workers` (decode + resize in worker processes), :mod:`.en
 Output layout, for ``out="emb.safetensors"``: the file itself (shards are worked on in
 ``emb.safetensors.shards/`` and removed once joined) and ``emb.errors.jsonl``. For ``out="emb"`` (no
 ``.safetensors`` suffix): a folder ``emb/`` holding ``manifest.json``, ``shard-00000.safetensors``, ...
-and ``errors.jsonl``. Every file holds ``video_embeds`` (N, D) float32, ``frame_counts`` (N,) int64
-(frames in the source video), ``sampled_indices`` (N, T) int32 (−1 pads clips with fewer frames),
+and ``errors.jsonl``. Every file holds ``video_embeds`` (N, D) float32, ``source_frame_counts`` (N,)
+int64 (frames in the source video), ``sampled_frame_counts`` (N,) int64 (frames encoded; files from
+before these names hold ``frame_counts``, the source's count, and still read), ``sampled_indices``
+(N, T) int32 (−1 pads clips with fewer frames),
 ``input_index`` (N,) int64 (position in the input list), optionally ``pooled`` (N, H) float32 (the
 video encoder's pooled output, before the contrastive head), and in its metadata the ``paths`` of those
 N clips and the ``errors`` as JSON. Failed videos have no row.

@@ -30,7 +30,7 @@ from .store import (
     write_shard,
 )
 
-__all__ = ["embed_videos", "embed_to_file", "classify_videos", "ClassifyResult", "text_embeddings"]
+__all__ = ["embed_videos", "embed_to_file", "classify_videos", "ClassifyResult", "text_embeddings", "check_out"]
 
 
 def embed_videos(
@@ -162,6 +162,31 @@ def _scores(results: Iterator[ClipResult], text: torch.Tensor, scale: float, bia
         results.close()
 
 
+def check_out(out) -> None:
+    """Refuse an ``out`` that would not be what its name says (:class:`pevideo.errors.UsageError`):
+    ``X.safetensors`` is one file, any other name a folder of shards; a name with another extension
+    (``w14.txt``, ``emb.npy``) looks like a file and is refused unless it is an existing folder or ends
+    with a path separator; an existing file that is not a ``.safetensors`` output, or a folder named
+    ``X.safetensors``, is refused too."""
+    from ..errors import UsageError
+
+    p = os.fspath(out)
+    if not p:
+        raise UsageError("the output path is empty")
+    if p.endswith(".safetensors"):
+        if os.path.isdir(p):
+            raise UsageError(f"{p} is a folder; a .safetensors output is one file (drop the suffix for a folder of shards)")
+        return
+    if p.endswith(("/", os.sep)) or os.path.isdir(p):
+        return  # a folder, said so
+    if os.path.exists(p):
+        raise UsageError(f"{p} exists and is not a folder; the output is X.safetensors (one file) or a folder")
+    ext = os.path.splitext(os.path.basename(p))[1]
+    if ext:
+        raise UsageError(f"{p}: a {ext} name would become a folder of shards; the output is X.safetensors (one "
+                         f"file) or a folder (a name without an extension, or ending with / as in {p}/)")
+
+
 def embed_to_file(
     inputs,
     model,
@@ -192,7 +217,8 @@ def embed_to_file(
         model: a checkpoint folder / Hub id (loaded on ``device`` in ``dtype`` with ``fast`` only when
             some shard is left to do) or a :class:`pevideo.PeVideoModel`.
         out: ``X.safetensors`` (one file; shards are worked on in ``X.safetensors.shards/``) or a folder
-            (the shards are the output). See the module docstring for the contents.
+            (the shards are the output); other names are refused as :func:`check_out` says. See the
+            module docstring for the contents.
         shard_size: clips per shard, the unit of resumption (and of work split across ranks).
         errors: the errors file (JSONL ``{"index", "path", "error"}``); default ``X.errors.jsonl`` or
             ``folder/errors.jsonl``. It is always written, empty when nothing failed.
@@ -208,6 +234,7 @@ def embed_to_file(
     (or CPU, with gloo), and rank 0 joins them after all ranks are done. Returns an
     :class:`EmbedSummary`; ``summary.exit_status`` is 1 when any video failed.
     """
+    check_out(out)
     num_frames, fps = check_sampling(num_frames, fps)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")

@@ -1,9 +1,11 @@
 """``pevideo embed``, ``pevideo classify`` and ``pevideo merge``: the command-line face of :mod:`pevideo.embed`.
 
-Exit status: 0 = every video done; 1 = some videos could not be read (the others' outputs are written,
-the failures listed in the errors file); 2 = usage error (bad arguments, missing input or checkpoint,
-an output made with different arguments); 3 = the run crashed (rerun the same command to resume);
-130 = interrupted.
+Exit status (EXIT_STATUS below, also in ``--help``): 0 = every video done; 1 = some videos could not be
+read (the others' outputs are written, the failures listed in the errors file); 2 = usage error (bad
+arguments, a device torch does not know, missing input or checkpoint, an output made with different
+arguments); 3 = the run failed on a file (unwritable output, disk full, damaged output) or inside
+pevideo; 130 = interrupted. Errors print one line naming the file and the cause (``PEVIDEO_DEBUG=1``
+adds the traceback); "rerun the same command to resume" is said only when finished shards are on disk.
 """
 from __future__ import annotations
 
@@ -13,8 +15,21 @@ import io
 import json
 import os
 import sys
+import tempfile
 
 __all__ = ["register"]
+
+EXIT_STATUS = """\
+exit status: 0 all done; 1 some videos could not be read (the rest is written, the failures are in
+the errors file / on stderr); 2 usage error (bad arguments, unknown device, missing input, checkpoint
+or output folder, an output made with other arguments); 3 the run failed on a file (unwritable
+output, disk full, a damaged output file) or inside pevideo; 130 interrupted. Errors are one line
+naming the file and the cause; PEVIDEO_DEBUG=1 adds the traceback.
+"""
+
+OUT_HELP = ("X.safetensors: one file (shards are worked on in X.safetensors.shards/ and joined at the end); "
+            "any other name is a folder and the shards in it are the output. A name with another extension "
+            "(w14.txt, emb.npy) is refused; end a folder name that has a dot with / (runs/v1.2/)")
 
 EMBED_EPILOG = """\
 examples:
@@ -22,10 +37,12 @@ examples:
   pevideo embed list.txt --model ckpt --out emb/ --shard-size 10000     # keep shards (a folder)
   torchrun --nproc-per-node 8 -m pevideo embed videos/ --model ckpt --out emb.safetensors
 
+--out: X.safetensors is one file; any other name is a folder of shards (the output itself). Names with
+another extension (w14.txt, emb.npy) are refused; end a folder name that has a dot with /.
 Rerunning the same command resumes: finished shards are skipped. Read the result with
-pevideo.read_embeddings(out): video_embeds (N, D), paths, frame_counts, sampled_indices, errors.
-exit status: 0 all done, 1 some videos failed (see the errors file), 2 usage error, 3 crashed.
-"""
+pevideo.read_embeddings(out): video_embeds (N, D), source_frame_counts (frames in each source video),
+sampled_frame_counts (frames encoded per clip), sampled_indices, input_index, paths, errors.
+""" + EXIT_STATUS
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,7 +60,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eager", dest="fast", action="store_const", const=False, help="plain PyTorch (default on CPU)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"],
                    help="model dtype (default: bf16 on a GPU, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available); a device "
+                   "torch does not know, or cuda without a GPU, is a usage error (exit 2)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("--apply-rotation", action="store_true",
@@ -57,8 +75,7 @@ def register(sub) -> None:
                        "PE Video. Decoding runs in background processes while the model encodes.",
                        epilog=EMBED_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders, or .txt/.lst list files")
-    p.add_argument("--out", required=True,
-                   help="X.safetensors (one file) or a folder (the shards are the output)")
+    p.add_argument("--out", required=True, help=OUT_HELP)
     _add_common(p)
     p.add_argument("--shard-size", type=int, default=1024, help="clips per shard, the unit of resuming (default 1024)")
     p.add_argument("--pooled", action="store_true", help="also store the video encoder's pooled output ('pooled')")
@@ -74,19 +91,24 @@ def register(sub) -> None:
                        "tokenizer (tokenizer.json / tokenizer_config.json) in the --model folder: "
                        "model.save_pretrained writes none; save it there with "
                        "AutoTokenizer.from_pretrained(<the checkpoint the weights come from>).save_pretrained(folder) "
-                       "(README: Your own or an offline checkpoint).")
+                       "(README: Your own or an offline checkpoint). "
+                       "A clip that cannot be read is named on stderr (once) and in the CSV / JSON output's "
+                       "error field.",
+                       epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="VIDEO", help="video files, folders, or list files")
     p.add_argument("--labels", nargs="+", default=None, help='text labels, e.g. "a person playing tennis" "a cat sleeping"')
     p.add_argument("--labels-file", default=None, help="labels, one per line")
     _add_common(p)
     p.add_argument("--format", choices=["text", "csv", "json"], default=None,
                    help="output format (default: from --out's suffix, else text)")
-    p.add_argument("--out", default=None, help="write here instead of stdout")
+    p.add_argument("--out", default=None, help="write here instead of stdout (checked before any clip is "
+                   "scored; written under a temporary name, renamed when complete)")
     p.set_defaults(func=run_classify)
 
     p = sub.add_parser("merge", help="join the shards of an embedding run (e.g. after a multi-GPU run was cut short)",
                        description="Join the shards of `pevideo embed --out OUT` into OUT (a .safetensors "
-                       "output) and write the errors file.")
+                       "output) and write the errors file.",
+                       epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", metavar="OUT", help="what was given to `pevideo embed --out`")
     p.add_argument("--errors", default=None, help="errors file (default as for embed)")
     p.add_argument("--keep-shards", action=argparse.BooleanOptionalAction, default=None,
@@ -100,34 +122,114 @@ def _fail(cmd: str, msg) -> int:
     return 2
 
 
-def _guarded(cmd: str, fn) -> int:
-    """Exit statuses: usage problems 2, crashes 3 (with the traceback), Ctrl-C 130."""
+def _one_line(exc: BaseException) -> str:
+    """The cause in one line, naming the file: OSErrors as ``FILE: strerror``, the rest by their message
+    (pevideo's messages name their file; others get their type, as they may not)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        if exc.filename2 is not None:
+            where = f"{where} -> {exc.filename2}"
+        text = f"{where}: {exc.strerror}" if where else exc.strerror
+    else:
+        from ..errors import PevideoError
+
+        text = str(exc) if isinstance(exc, (PevideoError, ValueError, TypeError, OSError)) else (
+            f"{type(exc).__name__}: {exc}")
+    return text.strip()
+
+
+def _guarded(cmd: str, fn, resumable=lambda: 0, where: str | None = None) -> int:
+    """Run ``fn`` and turn what it raises into an exit status and one line on stderr (see EXIT_STATUS):
+    usage problems 2, failures on files or inside pevideo 3, Ctrl-C 130. ``resumable()``: how many
+    finished shards a rerun would keep (said only then: "rerun the same command to resume"). ``where``:
+    the output the command works on, named when a file there turns out damaged (a JSON or safetensors
+    reader's error does not say which file it read)."""
     import warnings
 
+    from ..errors import PevideoError, UsageError
     from .store import ManifestMismatchError, StoreError
 
     def show(message, category, filename, lineno, file=None, line=None):
         if _is_rank0():  # under torchrun, once rather than once per rank
             _say(f"pevideo {cmd}: warning: {message}")
 
+    def advice() -> str:
+        try:
+            n = resumable()
+        except Exception:  # the advice must not hide the error
+            n = 0
+        return f"; {n} finished shard(s) are kept: rerun the same command to resume" if n else ""
+
+    def traceback_if_asked():
+        if os.environ.get("PEVIDEO_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show  # one plain line, not the source line that raised it
             return fn()
     except StoreError as exc:  # the output's files: one line naming the file, the cause and what to do
+        traceback_if_asked()
         print(f"pevideo {cmd}: error: {exc}", file=sys.stderr)
         return exc.exit_status
-    except (ManifestMismatchError, FileNotFoundError, ValueError, TypeError) as exc:
-        return _fail(cmd, exc)
-    except KeyboardInterrupt:
-        print(f"pevideo {cmd}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        print(f"pevideo {cmd}: crashed; rerun the same command to resume", file=sys.stderr)
+    except (UsageError, ManifestMismatchError) as exc:
+        traceback_if_asked()
+        return _fail(cmd, _one_line(exc))
+    except PevideoError as exc:  # pevideo's own runtime errors (a damaged output file, ...)
+        traceback_if_asked()
+        print(f"pevideo {cmd}: error: {_one_line(exc)}{advice()}", file=sys.stderr)
         return 3
+    except json.JSONDecodeError as exc:  # a damaged manifest / metadata: a file's fault, not the command's
+        traceback_if_asked()
+        print(f"pevideo {cmd}: error: {where or 'the output'}: damaged (a JSON file in it: {exc})", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, ValueError, TypeError) as exc:  # a missing input/checkpoint, bad values
+        traceback_if_asked()
+        return _fail(cmd, _one_line(exc))
+    except OSError as exc:  # unwritable output, disk full, ...
+        traceback_if_asked()
+        print(f"pevideo {cmd}: error: {_one_line(exc)}{advice()}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"pevideo {cmd}: interrupted{advice()}", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, the traceback on demand
+        traceback_if_asked()
+        if type(exc).__module__.startswith("safetensors") or type(exc).__name__ == "SafetensorError":
+            print(f"pevideo {cmd}: error: {where or 'the output'}: damaged (a .safetensors file: {exc})",
+                  file=sys.stderr)
+            return 3
+        hint = "" if os.environ.get("PEVIDEO_DEBUG") else " (internal error; PEVIDEO_DEBUG=1 shows the traceback)"
+        print(f"pevideo {cmd}: error: {_one_line(exc)}{hint}{advice()}", file=sys.stderr)
+        return 3
+
+
+def check_device(device) -> None:
+    """Refuse, as a usage error, a device string torch does not know or a device this machine lacks."""
+    import torch
+
+    from ..errors import UsageError
+
+    if device is None or device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"--device {device!r}: not a device torch knows (cpu, cuda, cuda:N)") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if dev.type == "meta" or available is None or not available():
+        raise UsageError(f"--device {device}: not available here (cpu, cuda, cuda:N)")
 
 
 def _failure(r) -> str:
@@ -144,11 +246,25 @@ def _say(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)  # above the progress bar, not through it
 
 
+def _finished_shards(out) -> int:
+    """Finished shards a rerun with --out ``out`` would keep (0 once the joined file is there)."""
+    from .store import Layout
+
+    layout = Layout.of(out)
+    if layout.final is not None and os.path.isfile(layout.final):
+        return 0
+    if not os.path.isfile(layout.manifest):
+        return 0
+    return sum(1 for n in os.listdir(layout.work) if n.startswith("shard-") and n.endswith(".safetensors"))
+
+
 def run_embed(args: argparse.Namespace) -> int:
-    from .api import embed_to_file
+    from .api import check_out, embed_to_file
     from .inputs import expand_inputs
 
     def go():
+        check_device(args.device)
+        check_out(args.out)
         paths = expand_inputs(args.inputs, must_exist=True)
         summary = embed_to_file(
             paths, args.model, args.out, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
@@ -171,7 +287,7 @@ def run_embed(args: argparse.Namespace) -> int:
         # failing rank 0 does not get the others killed while they are still closing down.
         return summary.exit_status if _is_rank0() else 0
 
-    return _guarded("embed", go)
+    return _guarded("embed", go, resumable=lambda: _finished_shards(args.out), where=args.out)
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -185,17 +301,52 @@ def run_merge(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr)
         return summary.exit_status
 
-    return _guarded("merge", go)
+    return _guarded("merge", go, where=args.out)
 
 
 def _labels(args) -> list[str]:
+    from ..errors import UsageError
+
     labels = list(args.labels or [])
     if args.labels_file:
         with open(args.labels_file, encoding="utf-8") as f:
             labels += [line.strip() for line in f if line.strip()]
     if not labels:
-        raise ValueError("give --labels (or --labels-file)")
+        raise UsageError("give --labels (or --labels-file)")
     return labels
+
+
+class _Output:
+    """An output file opened before the work starts (so that an unwritable place fails first, not after
+    every clip is scored): a temporary file beside it, renamed into place by :meth:`commit`."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "is a folder, not a file", path)
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        except OSError as exc:  # name the output, not the temporary name
+            raise type(exc)(exc.errno, f"cannot write here ({exc.strerror})", path) from None
+        os.close(fd)
+
+    def commit(self, text: str) -> None:
+        with open(self.tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; make it like any other output
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+
+    def close(self) -> None:
+        if self.tmp is not None and os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def run_classify(args: argparse.Namespace) -> int:
@@ -208,33 +359,42 @@ def run_classify(args: argparse.Namespace) -> int:
         if fmt is None:
             ext = os.path.splitext(args.out or "")[1].lower()
             fmt = {".csv": "csv", ".json": "json"}.get(ext, "text")
-        paths = expand_inputs(args.inputs, must_exist=True)
-        results = list(classify_videos(
-            paths, args.model, labels, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
-            num_workers=args.workers, device=args.device, dtype=args.dtype, fast=args.fast, progress=args.progress,
-            apply_rotation=args.apply_rotation,
-        ))
-        failed = [r for r in results if not r.ok]
-        for r in failed:
-            print(f"pevideo classify: failed: {_failure(r)}", file=sys.stderr)
-        text = {"text": _as_text, "csv": _as_csv, "json": _as_json}[fmt](results, labels)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-        else:
-            sys.stdout.write(text)
+        check_device(args.device)
+        out = _Output(args.out) if args.out else None  # before the model is loaded or a clip decoded
+        try:
+            paths = expand_inputs(args.inputs, must_exist=True)
+            results = list(classify_videos(
+                paths, args.model, labels, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
+                num_workers=args.workers, device=args.device, dtype=args.dtype, fast=args.fast,
+                progress=args.progress, apply_rotation=args.apply_rotation,
+            ))
+            failed = [r for r in results if not r.ok]
+            for r in failed:  # once, on stderr; the table on stdout only marks the clip
+                print(f"pevideo classify: failed: {_failure(r)}", file=sys.stderr)
+            if fmt == "text":
+                text = _as_text(results, labels, errors_inline=out is not None)
+            else:
+                text = {"csv": _as_csv, "json": _as_json}[fmt](results, labels)
+            if out is not None:
+                out.commit(text)
+            else:
+                sys.stdout.write(text)
+        finally:
+            if out is not None:
+                out.close()
         return 1 if failed else 0
 
     return _guarded("classify", go)
 
 
-def _as_text(results, labels) -> str:
+def _as_text(results, labels, errors_inline: bool = True) -> str:
     width = max(len(label) for label in labels)
     lines = []
     for r in results:
         lines.append(r.path)
         if not r.ok:
-            lines.append(f"  error: {r.error}")
+            # In a file, the reason; on stdout, a mark (the reason is on stderr already).
+            lines.append(f"  error: {r.error}" if errors_inline else "  not scored (could not be read; see stderr)")
             continue
         for label, p in zip(labels, r.probs.tolist()):
             lines.append(f"  {p:.4f}  {label:<{width}}".rstrip())

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .workers import ClipDataset, collate, default_workers, worker_init
+from .workers import ClipDataset, collate, default_workers, encoder_threads, worker_init
 
 __all__ = ["ClipResult", "PipelineStats", "Encoder", "run_clips"]
 
@@ -123,6 +123,10 @@ def run_clips(paths: Sequence[str], order: Sequence[int], model, processor, *, n
         prefetch_factor=2 if num_workers else None,
     )
     bar = progress_bar(len(order), progress)
+    # The encoder takes the cores the workers leave, never more threads than torch had (a user's
+    # OMP_NUM_THREADS / set_num_threads stands); restored when the run ends or is closed.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(min(threads_before, encoder_threads(num_workers)))
     start = time.perf_counter()
     it = iter(loader)
     pending = None
@@ -153,6 +157,7 @@ def run_clips(paths: Sequence[str], order: Sequence[int], model, processor, *, n
         if bar is not None:
             bar.close()
         del it  # shuts the worker processes down, also when the caller stops early
+        torch.set_num_threads(threads_before)
 
 
 def progress_bar(total: int, progress):

@@ -11,13 +11,15 @@ import re
 import socket
 import time
 
+from ..errors import PevideoError
+
 __all__ = [
     "StoreError", "StoreIOError", "OutputPathError", "OutputLockedError", "DamagedOutputError",
     "OutputLock", "atomic_write_bytes", "atomic_write_text", "remove_stale_temporaries", "io_errors",
 ]
 
 
-class StoreError(Exception):
+class StoreError(PevideoError):
     """A problem with an output's files. ``str(exc)`` is one line: ``<path>: <cause>; <advice>``.
 
     ``exit_status`` is what ``pevideo embed`` / ``merge`` exit with: 2 when the run was refused before

@@ -147,7 +147,8 @@ def _rows(results: list[ClipResult], dims: tuple[int, int], pooled: bool, width:
         idx[i, : len(r.frame_indices)] = torch.tensor(r.frame_indices, dtype=torch.int32)
     tensors = {
         "video_embeds": torch.stack([r.video_embeds for r in ok]) if ok else torch.zeros(0, d),
-        "frame_counts": torch.tensor([r.frame_count for r in ok], dtype=torch.int64),
+        "source_frame_counts": torch.tensor([r.frame_count for r in ok], dtype=torch.int64),
+        "sampled_frame_counts": torch.tensor([len(r.frame_indices) for r in ok], dtype=torch.int64),
         "sampled_indices": idx,
         "input_index": torch.tensor([r.index for r in ok], dtype=torch.int64),
     }
@@ -179,14 +180,16 @@ def write_shard(layout: Layout, s: int, results: list[ClipResult], fp_sha: str, 
 class Embeddings:
     """What an embedding run wrote, in input order (failed videos have no row).
 
-    video_embeds (N, D) float32; pooled (N, H) float32 or None; frame_counts (N,) int64 (frames in the
-    source video); sampled_indices (N, T) int32, −1 where a clip has fewer than T frames; input_index
+    video_embeds (N, D) float32; pooled (N, H) float32 or None; source_frame_counts (N,) int64 (frames
+    in the source video, as its container reports them); sampled_frame_counts (N,) int64 (frames taken
+    from it and encoded); sampled_indices (N, T) int32, −1 where a clip has fewer than T frames; input_index
     (N,) int64, each row's position in the input list; paths: N paths; errors: [{index, path, error}]
     for the videos that failed; config: the run's arguments fingerprint (model, num_frames, ...).
     """
 
     video_embeds: torch.Tensor
-    frame_counts: torch.Tensor
+    source_frame_counts: torch.Tensor
+    sampled_frame_counts: torch.Tensor
     sampled_indices: torch.Tensor
     input_index: torch.Tensor
     paths: list[str]
@@ -196,6 +199,11 @@ class Embeddings:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def frame_counts(self) -> torch.Tensor:
+        """The old name of ``source_frame_counts`` (frames in the source video, not the frames sampled)."""
+        return self.source_frame_counts
 
     def __repr__(self) -> str:
         pooled = "" if self.pooled is None else f", pooled={tuple(self.pooled.shape)}"
@@ -235,14 +243,20 @@ def _join_tensors(parts: list[tuple[dict, dict]]) -> dict:
 
 
 def _join(parts: list[tuple[dict, dict]], config: dict) -> Embeddings:
+    """Concatenate shards (in order); pad sampled_indices to the widest."""
     t = _join_tensors(parts)
+    idx = t.get("sampled_indices", torch.zeros(0, 0, dtype=torch.int32))
+    # Files written before the two counts had their names hold "frame_counts" (the source's count) only;
+    # their sampled counts are the sampled indices that are not padding.
+    source = t["source_frame_counts"] if "source_frame_counts" in t else t["frame_counts"]
+    sampled = t["sampled_frame_counts"] if "sampled_frame_counts" in t else (idx >= 0).sum(1)
     paths, errors = [], []
     for _, m in parts:
         paths += json.loads(m.get("paths", "[]"))
         errors += json.loads(m.get("errors", "[]"))
     return Embeddings(
-        video_embeds=t["video_embeds"], pooled=t.get("pooled"), frame_counts=t["frame_counts"],
-        sampled_indices=t.get("sampled_indices", torch.zeros(0, 0, dtype=torch.int32)),
+        video_embeds=t["video_embeds"], pooled=t.get("pooled"), source_frame_counts=source,
+        sampled_frame_counts=sampled, sampled_indices=idx,
         input_index=t["input_index"], paths=paths, errors=sorted(errors, key=lambda e: e["index"]), config=config,
     )
 

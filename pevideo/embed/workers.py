@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ClipDataset", "collate", "default_workers"]
+__all__ = ["ClipDataset", "collate", "default_workers", "encoder_threads", "cpu_budget"]
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -66,17 +66,32 @@ def collate(items: list[dict]) -> dict:
 
 
 def worker_init(_worker_id: int) -> None:
-    # Each worker resizes one clip at a time; many intra-op threads per worker would only fight.
+    # One thread per worker: each worker decodes and resizes one clip at a time, the workers together
+    # take their share of the cores and the encoder the rest (see encoder_threads); intra-op threads
+    # here would only fight the encoder for the same cores. The environment variables reach libraries
+    # that start their thread pools later in this process (and anything it runs).
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
     torch.set_num_threads(1)
 
 
-def default_workers() -> int:
-    """The CPUs this process may use, shared with the other ranks on this machine, less one for the
-    encoding loop; at most 16."""
+def cpu_budget() -> int:
+    """The CPUs this process may use (its affinity: container / taskset limits count, unlike cpu_count),
+    shared evenly with the other torchrun ranks on this machine."""
     try:
-        cpus = len(os.sched_getaffinity(0))  # honours container / taskset limits, unlike cpu_count
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 2
-    cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(16, cpus - 1))
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
+
+def default_workers() -> int:
+    """Decoding processes by default: the CPU budget less one for the encoding loop; at least 1, at most 16."""
+    return max(1, min(16, cpu_budget() - 1))
+
+
+def encoder_threads(num_workers: int) -> int:
+    """Torch threads for the encoding loop: the cores the (single-threaded) decoding workers leave, at
+    least one. Without this the encoder's OpenMP threads and the workers oversubscribe the cores, and
+    throughput swings 4x from run to run on a small machine."""
+    return max(1, cpu_budget() - max(0, int(num_workers)))
