@@ -79,6 +79,33 @@ def test_bad_text_and_loss(model):
         model(input_ids=ids3, attention_mask=am3, pixel_values_videos=pixels, return_loss=True)
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ids, am: (ids + 97, am), r"\[0, 97\)"),  # vocab_size 97 (tests/_upstream.TEXT)
+        (lambda ids, am: (ids - 50, am), r"\[0, 97\).*from -"),
+        (lambda ids, am: (ids[:, :0], am[:, :0]), "empty"),
+        (lambda ids, am: (ids[:0], am[:0]), "empty"),
+        (lambda ids, am: (ids, am * torch.tensor([[1], [0]])), r"text\(s\) \[1\] have no token"),
+    ],
+)
+def test_bad_text_ids(model, make, match):
+    """Ids outside the vocabulary and texts without a token: a clear ValueError, not ModernBERT's IndexError."""
+    ids, am = make(*text_inputs(2))
+    pixels, _ = video_inputs(model.config, [2, 2])
+    with pytest.raises(ValueError, match=match):
+        model.get_text_features(ids, attention_mask=am)
+    with pytest.raises(ValueError, match=match):
+        model(input_ids=ids, attention_mask=am, pixel_values_videos=pixels)
+
+
+def test_text_ids_at_the_vocabulary_edge_run(model):
+    ids, am = text_inputs(2)
+    ids[0, 1], ids[1, 1] = 0, 96
+    with torch.no_grad():
+        assert torch.isfinite(model.get_text_features(ids, attention_mask=am).pooler_output).all()
+
+
 def test_missing_tensor(saved, tmp_path):
     for f in saved.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
