@@ -236,7 +236,7 @@ def test_bad_folders(tmp_path, saved):
         (dict(architecture="vit_base_patch16_224"), "not a PE-Core ViT"),
         (dict(architecture="vit_pe_core_tiny_patch16_384", model_args=dict(qk_norm=True)), "qk_norm"),
         (dict(architecture="vit_pe_core_tiny_patch16_384", model_args=dict(embed_dim=30, num_heads=3)), "divisible by 4"),
-        (dict(architecture="vit_pe_core_tiny_patch16_384", model_args=dict(img_size=50)), "not divisible by patch_size"),
+        (dict(architecture="vit_pe_core_tiny_patch16_384", model_args=dict(img_size=8)), "smaller than patch_size"),
         (dict(architecture="vit_pe_core_tiny_patch16_384", model_args=dict(foo=1)), "foo"),
     ],
 )
