@@ -272,6 +272,28 @@ def print_table(report: dict) -> None:
         print("kernels (pevideo fast):", fused[0]["kernels"])
 
 
+def markdown_table(report: dict) -> str:
+    """The README's table: per batch, clips/s of each provider as median (slowest-fastest repeat) and the
+    speed-up of medians over transformers (with its range)."""
+    batches = list(dict.fromkeys(r["batch"] for r in report["results"]))
+    providers = list(dict.fromkeys(r["provider"] for r in report["results"]))
+    lines = ["| batch | " + " | ".join(f"{p}, clips/s" for p in providers) + " | speed-up |",
+             "| --- |" + " --- |" * (len(providers) + 1)]
+    for b in batches:
+        rows = {r["provider"]: r for r in report["results"] if r["batch"] == b}
+        first = rows[providers[0]]
+        label = f"{b} ({first['real_frames']} of {first['padded_frames']} frames real)"
+        cells = [f"{r['clips_per_s']:.2f} ({r['clips_per_s_min']:.2f}–{r['clips_per_s_max']:.2f})"
+                 if (r := rows.get(p)) else "-" for p in providers]
+        mine = rows.get("pevideo fast") or rows.get("pevideo eager")
+        sp = "-"
+        if mine and mine["speedup_vs_transformers"]:
+            lo, hi = mine["speedup_vs_transformers_range"]
+            sp = f"{mine['speedup_vs_transformers']:.2f}× ({lo:.2f}–{hi:.2f})"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {sp} |")
+    return "\n".join(lines)
+
+
 def write_chart(report: dict, path: str) -> str | None:
     try:
         import matplotlib
@@ -381,6 +403,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     report = run(args)
     print_table(report)
+    print("\n" + markdown_table(report))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{machine_slug(report['machine'])}-{args.tag}")
     jpath = write_json(stem + ".json", report)

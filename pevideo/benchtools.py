@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 __all__ = ["cpu_name", "machine_info", "machine_label", "machine_slug", "Timing", "time_fn", "time_interleaved",
-           "write_json", "sync"]
+           "wall_clock", "cuda_events", "write_json", "sync"]
 
 
 def cpu_name() -> str:
@@ -129,6 +129,30 @@ class Timing:
                 "repeats": len(self.times_s)}
 
 
+def wall_clock(device=None) -> Callable[[Callable[[], object]], float]:
+    """A sampler: seconds of one call of ``fn``, by the wall clock, GPU work included (synchronized)."""
+
+    def sample(fn):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0
+
+    return sample
+
+
+def cuda_events(rep_ms: float = 25.0) -> Callable[[Callable[[], object]], float]:
+    """A sampler for short GPU ops: seconds per call as the median of a ``rep_ms`` burst timed with CUDA
+    events and the L2 cache flushed between calls (``triton.testing.do_bench``)."""
+    from triton.testing import do_bench
+
+    def sample(fn):
+        return float(do_bench(fn, warmup=0, rep=rep_ms, return_mode="median")) * 1e-3
+
+    return sample
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]],
     *,
@@ -138,6 +162,7 @@ def time_interleaved(
     min_repeats: int = 3,
     device=None,
     order: list | None = None,
+    sampler: Callable[[Callable[[], object]], float] | None = None,
 ) -> dict[str, Timing]:
     """Time several providers on the same work, round by round.
 
@@ -146,7 +171,10 @@ def time_interleaved(
     always first (or always right after another's garbage). With ``budget_s`` (seconds per provider),
     rounds stop once that much time per provider is spent, after at least ``min_repeats`` rounds.
     ``order``, when given a list, receives the provider names in the order they were timed.
+    ``sampler`` turns a provider into one sample in seconds: :func:`wall_clock` (the default) or
+    :func:`cuda_events` for GPU ops too short for the wall clock.
     """
+    sampler = sampler or wall_clock(device)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     names = list(fns)
@@ -162,21 +190,17 @@ def time_interleaved(
                 break
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
-            sync(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            sync(device)
-            out[name].times_s.append(time.perf_counter() - t0)
+            out[name].times_s.append(sampler(fns[name]))
             if order is not None:
                 order.append(name)
     return out
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, budget_s: float | None = None,
-            min_repeats: int = 3, device=None) -> Timing:
+            min_repeats: int = 3, device=None, sampler=None) -> Timing:
     """One provider: ``warmup`` calls, then up to ``repeats`` timed calls (see :func:`time_interleaved`)."""
     return time_interleaved({"fn": fn}, warmup=warmup, repeats=repeats, budget_s=budget_s,
-                            min_repeats=min_repeats, device=device)["fn"]
+                            min_repeats=min_repeats, device=device, sampler=sampler)["fn"]
 
 
 def write_json(path: str, report: dict, machine: dict | None = None) -> str:

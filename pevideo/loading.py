@@ -77,7 +77,10 @@ def _open_weights(full: str):
 
             f = safe_open(full, framework="pt")
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.get_tensor
-        state = torch.load(full, map_location="cpu", weights_only=True, mmap=True)
+        try:  # mmap: shapes without reading the data (zip-format .bin files, torch >= 1.6)
+            state = torch.load(full, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            state = torch.load(full, map_location="cpu", weights_only=True)
         return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
     except Exception as exc:
         raise ValueError(f"could not read weights file {full!r}: {exc}") from exc

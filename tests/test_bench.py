@@ -59,6 +59,7 @@ def test_bench_cli_smoke(tmp_path, capsys):
     assert (tmp_path / "cpu-smoke.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "clips/s" in out and "min" in out and "max" in out
+    assert "| unequal 3,2,1 (6 of 48 frames real) |" in out  # the README table's rows
 
 
 @pytest.mark.parametrize(
