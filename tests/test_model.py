@@ -219,6 +219,14 @@ def test_pe_audio_video_checkpoint_loads(tmp_path):
         a = ref(input_ids=ids, attention_mask=am, pixel_values_videos=pixels, padding_mask_videos=mask)
         b = ours(input_ids=ids, attention_mask=am, pixel_values_videos=pixels, padding_mask_videos=mask)
     _compare(a, b, mask)
+    # its video tower alone: the text and audio towers are listed, not read
+    enc = pevideo.PeVideoEncoder.from_pretrained(tmp_path)
+    assert any(k.startswith("audio") for k in enc.ignored_checkpoint_keys)
+    assert any(k.startswith(("text_model.", "video_model.text_model.")) for k in enc.ignored_checkpoint_keys)
+    assert not any(k.startswith("video_model.video_encoder.") for k in enc.ignored_checkpoint_keys)
+    with torch.no_grad():
+        c = enc(pixels, padding_mask_videos=mask)
+    assert rel_err(c.pooler_output, a.video_outputs.pooler_output) <= TOL
 
 
 def test_encoder_alone(tmp_path):
