@@ -1,10 +1,13 @@
 """``pevideo bench``: the video tower, pevideo fast / pevideo eager / transformers, side by side.
 
 On the same random weights and the same synthetic clips it times a full batch of 16-frame clips and a
-batch of unequal lengths (16, 12, 8, 4, 2, 1 frames padded to 16), prints a table (clips/s, frames/s,
-ms per batch, peak memory, speed-up over transformers, share of the measured matmul rate), and writes
-JSON and a PNG chart. With a GPU it runs the pe-av-large video architecture in bf16; without one, a
-reduced configuration that finishes in about a minute (and says so).
+batch of unequal lengths (16, 12, 8, 4, 2, 1 frames padded to 16), prints a table (ms per batch as
+median and min-max over the repeats, clips/s, frames/s, peak memory, speed-up over transformers, share
+of the measured matmul rate) and the README's markdown table, and writes JSON (naming the machine) and
+a PNG chart. The providers' repeats are interleaved (each round times every provider once, in rotating
+order), so a machine that gets busier during the run slows all of them alike. With a GPU it runs the
+pe-av-large video architecture in bf16; without one, a reduced configuration that finishes in a few
+minutes on an idle machine (and says so).
 """
 from __future__ import annotations
 
