@@ -39,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from pevideo.bench import _cpu_name
+from pevideo.benchtools import machine_info, time_interleaved, write_json
 
 TEXT_CONFIG = dict(num_hidden_layers=1, num_attention_heads=4, vocab_size=1000, global_attn_every_n_layers=1,
                    pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
@@ -186,52 +186,52 @@ def run(args) -> dict:
               f"{str(dtype).replace('torch.', '')}, "
               f"fast={fast}, batch {args.batch_size} x {args.num_frames} frames)", file=sys.stderr)
 
-        runs = {nw: [] for nw in workers}
-        for rep in range(args.repeats):  # interleaved: a busy spell slows every worker count alike
-            for nw in workers:
-                out = os.path.join(tmp, f"emb-{nw}.safetensors")
-                load_before = os.getloadavg()[0]
-                with GpuSampler(device) as sampler:
-                    t0 = time.perf_counter()
-                    summary = embed_to_file(paths, model, out, processor=processor, num_frames=args.num_frames,
-                                            batch_size=args.batch_size, shard_size=args.shard_size, num_workers=nw,
-                                            progress=False, overwrite=True)
-                    wall = time.perf_counter() - t0
-                st = summary.stats
-                run_ = dict(
-                    clips=summary.num_embedded, failed=summary.num_failed, wall_s=round(wall, 3),
-                    clips_per_s=round(summary.num_embedded / wall, 2), frames_per_s=round(st.frames / wall, 1),
-                    waited_on_decoding=round(st.wait_fraction, 3),
-                    encoder_busy=round(min(1.0, summary.num_embedded / wall / ceiling), 3),
-                    gpu_util=None if sampler.mean is None else round(sampler.mean / 100, 3),
-                    load_avg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],
-                )
-                runs[nw].append(run_)
-                print(f"workers {nw:>2} run {rep + 1}: {run_['clips_per_s']:8.1f} clips/s  waited on decoding "
-                      f"{100 * run_['waited_on_decoding']:5.1f}%  encoder busy {100 * run_['encoder_busy']:5.1f}%"
-                      + (f"  GPU util {100 * run_['gpu_util']:5.1f}%" if run_["gpu_util"] is not None else "")
-                      + f"  load {load_before:.1f}", file=sys.stderr)
+        # Worker counts are providers of the same work: timed in interleaved rounds (pevideo.benchtools),
+        # so a machine that gets busier during the run slows every worker count alike.
+        runs: dict[int, list] = {nw: [] for nw in workers}
+
+        def one_run(nw):
+            out = os.path.join(tmp, f"emb-{nw}.safetensors")
+            with GpuSampler(device) as sampler:
+                t0 = time.perf_counter()
+                summary = embed_to_file(paths, model, out, processor=processor, num_frames=args.num_frames,
+                                        batch_size=args.batch_size, shard_size=args.shard_size, num_workers=nw,
+                                        progress=False, overwrite=True)
+                wall = time.perf_counter() - t0
+            runs[nw].append((wall, summary, sampler.mean))
+            print(f"workers {nw:>2}: {summary.num_embedded / wall:8.1f} clips/s  waited on decoding "
+                  f"{100 * summary.stats.wait_fraction:5.1f}%", file=sys.stderr)
+
+        timings = time_interleaved({nw: (lambda nw=nw: one_run(nw)) for nw in workers}, warmup=0,
+                                   repeats=args.repeats, min_repeats=args.repeats)
         rows = []
         for nw in workers:
-            rates = sorted(r["clips_per_s"] for r in runs[nw])
-            median = float(np.median(rates))
-            row = dict(runs[nw][-1] if args.repeats == 1 else {}, workers=nw,
-                       encoder_threads=min(torch.get_num_threads(), encoder_threads(nw)))
-            if args.repeats > 1:
-                row.update(clips_per_s_min=rates[0], clips_per_s_median=round(median, 2), clips_per_s_max=rates[-1],
-                           spread=round(rates[-1] / rates[0] - 1, 3), runs=runs[nw])
-                print(f"workers {nw:>2}: {rates[0]:.1f} / {median:.1f} / {rates[-1]:.1f} clips/s (min / median / max "
-                      f"of {args.repeats}), spread {100 * (rates[-1] / rates[0] - 1):.0f}%", file=sys.stderr)
+            t = timings[nw]
+            wall = t.median_s
+            _, summary, _ = min(runs[nw], key=lambda r: abs(r[0] - wall))  # the median run's own numbers
+            st = summary.stats
+            util = [u for _, _, u in runs[nw] if u is not None]
+            row = dict(
+                workers=nw, clips=summary.num_embedded, failed=summary.num_failed, runs=len(t.times_s),
+                wall_s=round(wall, 3), wall_s_min=round(t.min_s, 3), wall_s_max=round(t.max_s, 3),
+                clips_per_s=round(summary.num_embedded / wall, 2),
+                clips_per_s_range=[round(summary.num_embedded / t.max_s, 2), round(summary.num_embedded / t.min_s, 2)],
+                frames_per_s=round(st.frames / wall, 1),
+                waited_on_decoding=round(st.wait_fraction, 3),
+                encoder_busy=round(min(1.0, summary.num_embedded / wall / ceiling), 3),
+                gpu_util=round(float(np.median(util)) / 100, 3) if util else None,
+                encoder_threads=min(torch.get_num_threads(), encoder_threads(nw)),
+            )
             rows.append(row)
+            print(f"workers {nw:>2}: median {row['clips_per_s']:8.1f} clips/s (range {row['clips_per_s_range']})"
+                  f"  encoder busy {100 * row['encoder_busy']:5.1f}%"
+                  + (f"  GPU util {100 * row['gpu_util']:5.1f}%" if row["gpu_util"] is not None else ""),
+                  file=sys.stderr)
 
     return dict(
-        benchmark="embed",
-        device=torch.cuda.get_device_name(device) if gpu else _cpu_name(),
-        cpu_count=os.cpu_count(), cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(), torch_threads=torch.get_num_threads(), preset=preset, dtype=str(dtype).replace("torch.", ""), fast=fast,
+        benchmark="embed", machine=machine_info(device), preset=preset, dtype=str(dtype).replace("torch.", ""), fast=fast,
         num_frames=args.num_frames, batch_size=args.batch_size, clips=clips, source=source,
         encoder_only_clips_per_s=round(ceiling, 2), encoder_only_threads=ceiling_threads, results=rows,
-        torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
     )
 
 
@@ -259,17 +259,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
     if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+        p.error("--repeats must be at least 1")
     gpu = args.device.startswith("cuda")
     args.seconds = args.seconds if args.seconds is not None else (10.0 if gpu else 2.0)
     args.size = args.size or ("360x640" if gpu else "240x320")
     report = run(args)
-    text = json.dumps(report, indent=2)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+        write_json(args.out, report)
+    print(json.dumps(report, indent=2))
     return 0
 
 

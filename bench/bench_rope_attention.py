@@ -15,7 +15,8 @@ Shapes (bf16):
   joint3d      4 clips of up to 16 frames x 24 x 24 patches, 32 of the 64 frames padding, 16 heads,
                head_dim 64, padded, sectioned 3D (t, h, w) RoPE
 
-Reported per provider: milliseconds (median of triton.testing.do_bench), useful TFLOP/s (4·n²·head_dim per
+Reported per provider: milliseconds (median, min and max over rounds that time the providers
+interleaved, each round one triton.testing.do_bench burst per provider; pevideo.benchtools), useful TFLOP/s (4·n²·head_dim per
 head per sequence, real tokens only), GB/s of the minimum traffic (q, k, v read and out written for real
 tokens), the speed-up over `torch`, and the bf16 error (max abs, RMS) against a float32 reference on the
 same rounded inputs. Floors measured in the same run: FLOPs / (bf16 GEMM rate) and bytes / (copy rate).
@@ -32,10 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import sys
-import time
 import traceback
 
 import torch
@@ -49,36 +47,31 @@ GOAL_SPEEDUP = 1.3
 # machine and floors
 # --------------------------------------------------------------------------------------------------
 def machine_info() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "host": platform.node(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    try:
-        import triton
+    from pevideo.benchtools import machine_info as harness_machine_info
 
-        info["triton"] = triton.__version__
-    except Exception as exc:  # noqa: BLE001
-        info["triton"] = f"unavailable ({type(exc).__name__})"
     try:
         import flash_attn
 
-        info["flash_attn"] = flash_attn.__version__
+        fa = flash_attn.__version__
     except Exception:  # noqa: BLE001
-        info["flash_attn"] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
-                    memory_gib=round(p.total_memory / 2**30, 1))
-    return info
+        fa = None
+    return harness_machine_info("cuda" if torch.cuda.is_available() else "cpu", flash_attn=fa)
 
 
 def bench_ms(fn, quick: bool) -> float:
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median"))
+
+
+def time_providers(fns: dict, quick: bool) -> dict:
+    """Providers timed in interleaved rounds (pevideo.benchtools): each round one CUDA-event burst per
+    provider, in rotating order, so a GPU that clocks down mid-run slows all alike. name -> Timing."""
+    from pevideo.benchtools import cuda_events, time_interleaved
+
+    with torch.no_grad():
+        return time_interleaved(fns, warmup=1, repeats=3 if quick else 7, min_repeats=3,
+                                sampler=cuda_events(rep_ms=15.0 if quick else 30.0))
 
 
 def measure_floors(quick: bool) -> dict:
@@ -344,6 +337,7 @@ def run_case(c: Case, providers, floors, quick, time_it=True, ref=None):
             "compute": c.flops / (floors["matmul_bf16_tflops"] * 1e12) * 1e3,
             "memory": c.bytes / (floors["copy_gbps"] * 1e9) * 1e3,
         }
+    fns = {}
     for name in providers:
         entry = {}
         try:
@@ -356,13 +350,8 @@ def run_case(c: Case, providers, floors, quick, time_it=True, ref=None):
                 entry["err_max"] = diff.max().item()
                 entry["err_rms"] = diff.pow(2).mean().sqrt().item()
             del out, real
-            if time_it:
-                with torch.no_grad():
-                    ms = bench_ms(fn, quick)
-                entry["ms"] = ms
-                entry["tflops"] = c.flops / (ms * 1e-3) / 1e12
-                entry["gbps"] = c.bytes / (ms * 1e-3) / 1e9
             entry["status"] = "ok"
+            fns[name] = fn
         except ImportError as exc:
             entry["status"] = f"unavailable: {exc}"
         except Exception as exc:  # noqa: BLE001  (one provider failing must not end the run)
@@ -372,6 +361,22 @@ def run_case(c: Case, providers, floors, quick, time_it=True, ref=None):
         res["providers"][name] = entry
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if time_it and fns:
+        try:
+            timings = time_providers(fns, quick)
+        except Exception:  # noqa: BLE001  (one provider failing mid-timing: time the others one by one)
+            timings = {}
+            for name, fn in fns.items():
+                try:
+                    timings[name] = time_providers({name: fn}, quick)[name]
+                except Exception as exc:  # noqa: BLE001
+                    res["providers"][name]["status"] = f"failed while timed: {type(exc).__name__}: {str(exc)[:300]}"
+        for name, t in timings.items():
+            entry = res["providers"][name]
+            ms = 1e3 * t.median_s
+            entry.update(ms=ms, ms_min=1e3 * t.min_s, ms_max=1e3 * t.max_s, rounds=len(t.times_s))
+            entry["tflops"] = c.flops / (ms * 1e-3) / 1e12
+            entry["gbps"] = c.bytes / (ms * 1e-3) / 1e9
     base = res["providers"].get("torch", {}).get("ms")
     for entry in res["providers"].values():
         if base and "ms" in entry:
@@ -387,12 +392,13 @@ def print_case(res):
         print(f"; floors: compute {fl['compute']:.3f} ms, memory {fl['memory']:.3f} ms")
     else:
         print()
-    print(f"   {'provider':<11} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'vs torch':>8} {'err max':>9} {'err rms':>9}"
-          "  status")
+    print(f"   {'provider':<11} {'ms':>9} {'(min-max)':>15} {'TFLOP/s':>8} {'GB/s':>8} {'vs torch':>8} {'err max':>9} "
+          f"{'err rms':>9}  status")
     for name, e in res["providers"].items():
         def f(key, width, fmt, suffix=""):
             return (format(e[key], fmt) + suffix if key in e else "-").rjust(width)
-        print(f"   {name:<11} {f('ms', 9, '.3f')} {f('tflops', 8, '.1f')} {f('gbps', 8, '.0f')} "
+        rng = f"({e['ms_min']:.3f}-{e['ms_max']:.3f})" if "ms_min" in e else "-"
+        print(f"   {name:<11} {f('ms', 9, '.3f')} {rng:>15} {f('tflops', 8, '.1f')} {f('gbps', 8, '.0f')} "
               f"{f('speedup_vs_torch', 8, '.2f', 'x')} {f('err_max', 9, '.2e')} {f('err_rms', 9, '.2e')}"
               f"  {e['status']}")
 
@@ -406,11 +412,6 @@ def build_cases(quick, device, dtype, smoke=False):
         ]
     frames = (64,) if quick else (64, 128, 256)
     return [*(case_frames(n, device, dtype) for n in frames), case_temporal(device, dtype), case_joint3d(device, dtype)]
-
-
-def gpu_slug(name: str) -> str:
-    s = name.lower().replace("nvidia", "").strip()
-    return re.sub(r"[^a-z0-9]+", "-", s).strip("-") or "gpu"
 
 
 def main(argv=None):
@@ -475,14 +476,13 @@ def main(argv=None):
               f"{(g['speedup_vs_torch'] or 0):.2f}x torch (goal {GOAL_SPEEDUP}x): {'met' if g['met'] else 'NOT met'}")
 
     if args.out:
+        from pevideo.benchtools import machine_slug, write_json
+
         path = args.out
         if path == "auto":
-            path = os.path.join("bench", "results", f"{gpu_slug(info.get('gpu', 'gpu'))}-rope_attention.json")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            report = {"machine": info, "floors": floors, "quick": args.quick, "results": results, "goals": goals}
-            json.dump(report, f, indent=1)
-        print("wrote", path)
+            path = os.path.join("bench", "results", f"{machine_slug(info)}-rope_attention.json")
+        report = {"machine": info, "floors": floors, "quick": args.quick, "results": results, "goals": goals}
+        print("wrote", write_json(path, report))
     return 0
 
 

@@ -18,11 +18,7 @@ on the GPU (``to_patches``) against the CPU processor + upload + patchify.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import sys
 import tempfile
 import time
 from functools import partial
@@ -61,15 +57,19 @@ def make_clips(directory, count, frames, height, width, fps=30):
     return paths
 
 
-def timeit(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timeit(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Providers timed interleaved (pevideo.benchtools): name -> {"median", "min", "max"} seconds."""
+    from pevideo.benchtools import time_interleaved
+
+    timings = time_interleaved(fns, warmup=warmup, repeats=repeats, min_repeats=repeats)
+    return {k: {"median": t.median_s, "min": t.min_s, "max": t.max_s} for k, t in timings.items()}
+
+
+def _rates(res: dict, key: str, n: int, t: dict) -> float:
+    """Store n items per second as median and range under ``key``; return the median rate."""
+    res[key] = n / t["median"]
+    res[key + "_range"] = [n / t["max"], n / t["min"]]
+    return res[key]
 
 
 def bench_processor(args):
@@ -90,9 +90,7 @@ def bench_processor(args):
         def run_ours():
             return ours(paths, num_frames=n, return_tensors="pt")["pixel_values_videos"]
 
-        t = timeit(run_ours, args.repeats)
-        res["pevideo_clips_per_s"] = args.clips / t
-        print(f"pevideo                          {args.clips / t:8.2f} clips/s")
+        fns = {"pevideo": run_ours}
         want = run_ours()
 
         try:
@@ -100,51 +98,49 @@ def bench_processor(args):
             from transformers.video_utils import load_video as upstream_load
         except Exception as exc:  # torchvision missing, ...
             print(f"transformers' processor unavailable: {exc}")
+            upstream = None
+        else:
+            upstream = Upstream(**config)
+
+            def run_docs():
+                vids = [upstream_load(p, backend="pyav")[0] for p in paths]
+                return upstream(vids, num_frames=n, return_tensors="pt")["pixel_values_videos"]
+
+            def run_sampled():
+                fn = partial(upstream.sample_frames, num_frames=n)
+                vids = [upstream_load(p, backend="pyav", sample_indices_fn=fn)[0] for p in paths]
+                return upstream(vids, do_sample_frames=False, return_tensors="pt")["pixel_values_videos"]
+
+            fns.update(transformers_docs=run_docs, transformers_sampled=run_sampled)
+        times = timeit(fns, args.repeats)
+        rate = _rates(res, "pevideo_clips_per_s", args.clips, times["pevideo"])
+        print(f"pevideo                          {rate:8.2f} clips/s")
+        if upstream is None:
             return res
-        upstream = Upstream(**config)
-
-        def run_docs():
-            vids = [upstream_load(p, backend="pyav")[0] for p in paths]
-            return upstream(vids, num_frames=n, return_tensors="pt")["pixel_values_videos"]
-
-        def run_sampled():
-            fn = partial(upstream.sample_frames, num_frames=n)
-            vids = [upstream_load(p, backend="pyav", sample_indices_fn=fn)[0] for p in paths]
-            return upstream(vids, do_sample_frames=False, return_tensors="pt")["pixel_values_videos"]
-
-        for key, label, fn in (
-            ("transformers_docs_clips_per_s", "transformers (load all, sample)", run_docs),
-            ("transformers_sampled_clips_per_s", "transformers (sampled load)", run_sampled),
+        for key, label in (
+            ("transformers_docs", "transformers (load all, sample)"),
+            ("transformers_sampled", "transformers (sampled load)"),
         ):
-            t = timeit(fn, args.repeats)
-            res[key] = args.clips / t
-            diff = (fn() - want).abs().max().item()
-            res[key.replace("clips_per_s", "max_abs_diff")] = diff
-            print(f"{label:32s} {args.clips / t:8.2f} clips/s   max |diff| vs pevideo {diff:.2e}")
+            rate = _rates(res, key + "_clips_per_s", args.clips, times[key])
+            diff = (fns[key]() - want).abs().max().item()
+            res[key + "_max_abs_diff"] = diff
+            print(f"{label:32s} {rate:8.2f} clips/s   max |diff| vs pevideo {diff:.2e}")
         res["speedup_vs_docs"] = res["pevideo_clips_per_s"] / res["transformers_docs_clips_per_s"]
         res["speedup_vs_sampled"] = res["pevideo_clips_per_s"] / res["transformers_sampled_clips_per_s"]
         print(f"speedup: {res['speedup_vs_docs']:.2f}x vs the docs' flow, {res['speedup_vs_sampled']:.2f}x vs sampled load")
     return res
 
 
-def cuda_time(fn, repeats=50, device="cuda"):
-    if device != "cuda":  # smoke runs of the kernel part on CPU (TRITON_INTERPRET=1): wall time
-        return timeit(fn, 2)
-    try:
-        from triton.testing import do_bench
+def device_time(fns: dict, device="cuda") -> dict:
+    """Seconds per call, interleaved (pevideo.benchtools): CUDA-event bursts on a GPU, the wall clock on
+    CPU (smoke runs of the kernel part under TRITON_INTERPRET=1). name -> median seconds."""
+    from pevideo.benchtools import cuda_events, time_interleaved
 
-        return do_bench(fn, warmup=25, rep=max(repeats, 25)) * 1e-3
-    except Exception:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1e-3 / repeats
+    if device == "cuda":
+        timings = time_interleaved(fns, warmup=1, repeats=5, sampler=cuda_events(25.0))
+    else:
+        timings = time_interleaved(fns, warmup=1, repeats=2, min_repeats=2)
+    return {k: t.median_s for k, t in timings.items()}
 
 
 def bench_kernel(args):
@@ -158,7 +154,7 @@ def bench_kernel(args):
     res = {"device": name, "frames": n, "size": s, "patch": p, "kernel": P._HAS_KERNEL}
     big = torch.empty((256 if dev == "cuda" else 8) * 2**20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(big)
-    t = cuda_time(lambda: dst.copy_(big), device=dev)
+    t = device_time({"copy": lambda: dst.copy_(big)}, device=dev)["copy"]
     res["copy_GBps"] = 2 * big.numel() / t / 1e9
     print(f"copy bandwidth                         {res['copy_GBps']:8.0f} GB/s (read + write)")
     del big, dst
@@ -183,8 +179,9 @@ def bench_kernel(args):
             torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=0)
         frames_read = out.shape[0]
         nbytes = frames_read * (x[0].numel() * x.element_size()) + out.numel() * out.element_size()
-        tk = cuda_time(lambda: P.patchify_normalize(x, p, **kw), device=dev)
-        tr = cuda_time(lambda: P.patchify_normalize_ref(x, p, **kw), device=dev)
+        t = device_time({"kernel": lambda: P.patchify_normalize(x, p, **kw),
+                         "reference": lambda: P.patchify_normalize_ref(x, p, **kw)}, device=dev)
+        tk, tr = t["kernel"], t["reference"]
         row = {"case": label, "kernel_GBps": nbytes / tk / 1e9, "reference_GBps": nbytes / tr / 1e9,
                "kernel_ms": tk * 1e3, "reference_ms": tr * 1e3}
         row["kernel_fraction_of_copy"] = row["kernel_GBps"] / res["copy_GBps"]
@@ -206,21 +203,11 @@ def bench_kernel(args):
         pv = out["pixel_values_videos"].to(dev, non_blocking=True)
         return P.patchify_normalize(pv.flatten(0, 1), p, out_dtype=torch.bfloat16)
 
-    def sync():
-        if dev == "cuda":
-            torch.cuda.synchronize()
+    from pevideo.benchtools import time_interleaved
 
-    def timed(fn):
-        fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(3):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / 3
-
-    res["to_patches_gpu_ms"] = timed(gpu_path) * 1e3
-    res["processor_cpu_then_gpu_ms"] = timed(cpu_path) * 1e3
+    t = time_interleaved({"gpu": gpu_path, "cpu": cpu_path}, warmup=1, repeats=3, min_repeats=3, device=dev)
+    res["to_patches_gpu_ms"] = t["gpu"].median_s * 1e3
+    res["processor_cpu_then_gpu_ms"] = t["cpu"].median_s * 1e3
     print(f"{args.batch}x{args.num_frames} 360p frames -> patches: to_patches on {dev} {res['to_patches_gpu_ms']:.1f} ms"
           f", CPU processor + upload + patchify {res['processor_cpu_then_gpu_ms']:.1f} ms")
     return res
@@ -249,13 +236,10 @@ def main(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
 
-    from pevideo.bench import _cpu_name
+    from pevideo.benchtools import machine_info, write_json
 
-    results = {
-        "machine": {"cpu": _cpu_name(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-        "threads": torch.get_num_threads(), "quick": args.quick,
-    }
+    device = args.device if args.device == "cuda" and torch.cuda.is_available() else "cpu"
+    results = {"machine": machine_info(device), "quick": args.quick}
     if not args.skip_processor:
         results["processor"] = bench_processor(args)
     if not args.skip_kernel:
@@ -264,9 +248,7 @@ def main(argv=None):
         else:
             print("no CUDA device: kernel GB/s part skipped")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_json(args.out, results)}")
     return results
 
 

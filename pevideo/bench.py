@@ -1,25 +1,27 @@
 """``pevideo bench``: the video tower, pevideo fast / pevideo eager / transformers, side by side.
 
 On the same random weights and the same synthetic clips it times a full batch of 16-frame clips and a
-batch of unequal lengths (16, 12, 8, 4, 2, 1 frames padded to 16), prints a table (clips/s, frames/s,
-ms per batch, peak memory, speed-up over transformers, share of the measured matmul rate), and writes
-JSON and a PNG chart. With a GPU it runs the pe-av-large video architecture in bf16; without one, a
-reduced configuration that finishes in about a minute (and says so).
+batch of unequal lengths (16, 12, 8, 4, 2, 1 frames padded to 16), prints a table (ms per batch as
+median and min-max over the repeats, clips/s, frames/s, peak memory, speed-up over transformers, share
+of the measured matmul rate) and the README's markdown table, and writes JSON (naming the machine) and
+a PNG chart. The providers' repeats are interleaved (each round times every provider once, in rotating
+order), so a machine that gets busier during the run slows all of them alike. With a GPU it runs the
+pe-av-large video architecture in bf16; without one, a reduced configuration that finishes in a few
+minutes on an idle machine (and says so).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
+import math
 import os
-import platform
-import time
+import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 
+from .benchtools import Timing, machine_info, machine_slug, sync, time_fn, time_interleaved, write_json
 from .loading import parse_dtype
 
 __all__ = ["main", "add_arguments", "video_tower_flops", "pe_av_large_video_config", "reduced_video_config"]
@@ -91,34 +93,13 @@ def video_tower_flops(config, lengths: list[int]) -> float:
     return float(n * vit + latent_q + 2 * n * (a.num_classes * h + h * h) + temporal)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({os.cpu_count()} cores)"
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_rate(device, dtype) -> float:
     """Measured dense matmul FLOP/s for this device and dtype (the roofline's compute ceiling)."""
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    reps = 20 if device.type == "cuda" else 5
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    t = time_fn(lambda: a @ b, warmup=3, repeats=20 if device.type == "cuda" else 5, device=device)
+    return 2 * n**3 / t.median_s
 
 
 @dataclass
@@ -127,33 +108,18 @@ class Result:
     batch: str
     clips: int
     real_frames: int
-    ms: float
+    timing: Timing
     peak_mem_mb: float | None
     kernels: dict | None = None
 
     @property
-    def clips_per_s(self):
-        return self.clips / (self.ms / 1e3)
+    def ms(self) -> float:  # the median: what tables and speed-ups use
+        return 1e3 * self.timing.median_s
 
-    @property
-    def frames_per_s(self):
-        return self.real_frames / (self.ms / 1e3)
-
-
-def _time(fn, device, warmup: int, repeats: int, budget_s: float) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        times = []
-        start = time.perf_counter()
-        while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]  # median
+    def per_s(self, n: int) -> dict:
+        """n items per call as a rate: median, and the range from the slowest to the fastest repeat."""
+        t = self.timing
+        return {"median": n / t.median_s, "min": n / t.max_s, "max": n / t.min_s}
 
 
 def _inputs(config, lengths, t_max, device, dtype, seed=0):
@@ -195,15 +161,14 @@ def _build(config, device, dtype, with_transformers: bool):
 
 
 def run(args) -> dict:
+    """Build the providers and time both batches; ``args`` as :func:`main` checked and filled them."""
     device = torch.device(args.device)
     dtype = parse_dtype(args.dtype)
     gpu = device.type == "cuda"
     preset = args.preset if args.preset != "auto" else ("pe-av-large" if gpu else "reduced")
     config = CONFIGS[preset]()
     full_clips = args.clips or (8 if gpu else 2)
-    unequal = [int(x) for x in args.unequal.split(",")]
-    if not unequal or min(unequal) < 1 or max(unequal) > FULL_FRAMES:
-        raise SystemExit(f"--unequal takes clip lengths between 1 and {FULL_FRAMES}, got {args.unequal!r}")
+    unequal = args.unequal
     batches = {
         f"full {full_clips}x{FULL_FRAMES}": [FULL_FRAMES] * full_clips,
         "unequal " + ",".join(map(str, unequal)): unequal,
@@ -229,56 +194,63 @@ def run(args) -> dict:
     results: list[Result] = []
     for bname, lengths in batches.items():
         pixels, mask = _inputs(config, lengths, FULL_FRAMES, device, dtype)
+        fns, peaks, kernels = {}, {}, {}
         for pname, model, block_fns in providers:
-            if block_fns is not None:
-                model.vit.block_fns = block_fns
-            if gpu:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            gc.collect()
-
-            def fn(model=model):
+            def fn(model=model, block_fns=block_fns):
+                if block_fns is not None:
+                    model.vit.block_fns = block_fns  # fast and fast+compile share one model
                 if isinstance(model, type(eager)):
                     return model(pixels, padding_mask_videos=mask)
                 return model(pixel_values_videos=pixels, padding_mask_videos=mask)
 
-            with warnings.catch_warnings():
+            fns[pname] = fn
+            # One call alone per provider: its peak memory and which kernels ran (also a first warm-up).
+            if gpu:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            gc.collect()
+            with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ms = _time(fn, device, args.warmup, args.repeats, args.budget)
-            peak = torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None
-            kernels = dict(model._ops.report) if hasattr(model, "_ops") else None
-            results.append(Result(pname, bname, len(lengths), sum(lengths), ms, peak, kernels))
-            print(f"  {bname:>24} | {pname:<20} {ms:9.1f} ms")
+                fn()
+                sync(device)
+            peaks[pname] = torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None
+            kernels[pname] = dict(model._ops.report) if hasattr(model, "_ops") else None
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
+                                       device=device)
+        for pname, _, _ in providers:
+            r = Result(pname, bname, len(lengths), sum(lengths), timings[pname], peaks[pname], kernels[pname])
+            results.append(r)
+            t = r.timing
+            print(f"  {bname:>24} | {pname:<20} median {r.ms:9.1f} ms  (min {1e3 * t.min_s:.1f}, "
+                  f"max {1e3 * t.max_s:.1f}, {len(t.times_s)} repeats)")
 
-    machine = {
-        "device": torch.cuda.get_device_name(device) if gpu else _cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "dtype": str(dtype).replace("torch.", ""),
-        "matmul_tflops": rate / 1e12,
-    }
-    try:
-        import triton
-
-        machine["triton"] = triton.__version__
-    except Exception:
-        machine["triton"] = None
+    machine = machine_info(device, dtype=str(dtype).replace("torch.", ""), matmul_tflops=rate / 1e12)
     rows = []
     for r in results:
         ref = next((x for x in results if x.batch == r.batch and x.provider.startswith("transformers")), None)
         flops = video_tower_flops(config, batches[r.batch])
+        clips, frames = r.per_s(r.clips), r.per_s(r.real_frames)
         rows.append({
             "provider": r.provider, "batch": r.batch, "clips": r.clips, "real_frames": r.real_frames,
-            "padded_frames": len(batches[r.batch]) * FULL_FRAMES, "ms": r.ms, "clips_per_s": r.clips_per_s,
-            "frames_per_s": r.frames_per_s, "peak_mem_mb": r.peak_mem_mb,
+            "padded_frames": len(batches[r.batch]) * FULL_FRAMES,
+            "ms": r.ms, **r.timing.as_dict(),
+            "clips_per_s": clips["median"], "clips_per_s_min": clips["min"], "clips_per_s_max": clips["max"],
+            "frames_per_s": frames["median"], "peak_mem_mb": r.peak_mem_mb,
+            # speed-up of medians; the range pairs this provider's fastest repeat with the reference's
+            # slowest and the reverse (repeats were interleaved, so both saw the same machine)
             "speedup_vs_transformers": (ref.ms / r.ms) if ref else None,
+            "speedup_vs_transformers_range": [ref.timing.min_s / r.timing.max_s, ref.timing.max_s / r.timing.min_s]
+            if ref else None,
             "model_tflops": flops / (r.ms / 1e3) / 1e12, "share_of_matmul_rate": flops / (r.ms / 1e3) / rate,
             "kernels": r.kernels,
         })
     return {
         "benchmark": "pevideo bench (video tower)",
         "config": {"pe-av-large": "pe-av-large video tower", "reduced": "reduced CPU config", "tiny": "tiny smoke-test config"}[preset],
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "settings": {"warmup": args.warmup, "repeats": args.repeats, "budget_s_per_provider": args.budget,
+                     "interleaved": True},
         "machine": machine,
         "results": rows,
     }
@@ -286,19 +258,43 @@ def run(args) -> dict:
 
 def print_table(report: dict) -> None:
     m = report["machine"]
-    print(f"\n{report['config']} on {m['device']} ({m['dtype']}, torch {m['torch']}); "
-          f"measured matmul rate {m['matmul_tflops']:.1f} TFLOP/s")
-    head = f"{'batch':<24} {'provider':<20} {'ms/batch':>9} {'clips/s':>8} {'frames/s':>9} {'peak MB':>8} {'vs HF':>6} {'%mm':>5}"
+    print(f"\n{report['config']} on {m['label']} ({m['dtype']}, torch {m['torch']}); "
+          f"measured matmul rate {m['matmul_tflops']:.2f} TFLOP/s; load average {m.get('load_average_1_5_15min')}")
+    head = (f"{'batch':<24} {'provider':<20} {'ms/batch: median':>16} {'(min-max)':>15} {'clips/s':>8} "
+            f"{'frames/s':>9} {'peak MB':>8} {'vs HF':>6} {'%mm':>5}")
     print(head)
     print("-" * len(head))
     for r in report["results"]:
         peak = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
         sp = f"{r['speedup_vs_transformers']:.2f}x" if r["speedup_vs_transformers"] else "-"
-        print(f"{r['batch']:<24} {r['provider']:<20} {r['ms']:9.1f} {r['clips_per_s']:8.2f} {r['frames_per_s']:9.1f} "
-              f"{peak:>8} {sp:>6} {100 * r['share_of_matmul_rate']:4.0f}%")
+        rng = f"({r['ms_min']:.0f}-{r['ms_max']:.0f})"
+        print(f"{r['batch']:<24} {r['provider']:<20} {r['ms']:16.1f} {rng:>15} {r['clips_per_s']:8.2f} "
+              f"{r['frames_per_s']:9.1f} {peak:>8} {sp:>6} {100 * r['share_of_matmul_rate']:4.0f}%")
     fused = [r for r in report["results"] if r["provider"] == "pevideo fast" and r["kernels"]]
     if fused:
         print("kernels (pevideo fast):", fused[0]["kernels"])
+
+
+def markdown_table(report: dict) -> str:
+    """The README's table: per batch, clips/s of each provider as median (slowest-fastest repeat) and the
+    speed-up of medians over transformers (with its range)."""
+    batches = list(dict.fromkeys(r["batch"] for r in report["results"]))
+    providers = list(dict.fromkeys(r["provider"] for r in report["results"]))
+    lines = ["| batch | " + " | ".join(f"{p}, clips/s" for p in providers) + " | speed-up |",
+             "| --- |" + " --- |" * (len(providers) + 1)]
+    for b in batches:
+        rows = {r["provider"]: r for r in report["results"] if r["batch"] == b}
+        first = rows[providers[0]]
+        label = f"{b} ({first['real_frames']} of {first['padded_frames']} frames real)"
+        cells = [f"{r['clips_per_s']:.2f} ({r['clips_per_s_min']:.2f}–{r['clips_per_s_max']:.2f})"
+                 if (r := rows.get(p)) else "-" for p in providers]
+        mine = rows.get("pevideo fast") or rows.get("pevideo eager")
+        sp = "-"
+        if mine and mine["speedup_vs_transformers"]:
+            lo, hi = mine["speedup_vs_transformers_range"]
+            sp = f"{mine['speedup_vs_transformers']:.2f}× ({lo:.2f}–{hi:.2f})"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {sp} |")
+    return "\n".join(lines)
 
 
 def write_chart(report: dict, path: str) -> str | None:
@@ -318,7 +314,7 @@ def write_chart(report: dict, path: str) -> str | None:
         ax.bar([j + i * width for j in range(len(batches))], vals, width, label=p)
     ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(batches))], batches)
     ax.set_ylabel("clips / s")
-    ax.set_title(f"{report['config']} — {report['machine']['device']} ({report['machine']['dtype']})", fontsize=9)
+    ax.set_title(f"{report['config']} — {report['machine']['label']} ({report['machine']['dtype']})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -327,15 +323,21 @@ def write_chart(report: dict, path: str) -> str | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # Numbers are parsed by main (not argparse), so that any bad value is one line and exit status 2.
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="default: bf16 on a GPU, fp32 on CPU")
-    p.add_argument("--clips", type=int, default=None, help="clips in the full batch (default 8 on GPU, 2 on CPU)")
+    p.add_argument("--clips", default=None, help=f"clips in the full batch, 1-{MAX_CLIPS} (default 8 on GPU, 2 on CPU)")
     p.add_argument("--unequal", default=",".join(map(str, UNEQUAL)),
-                   help=f"clip lengths of the unequal batch, padded to {FULL_FRAMES} (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement, at most")
+                   help=f"clip lengths of the unequal batch, each 1-{FULL_FRAMES}, padded to {FULL_FRAMES} "
+                   "(default %(default)s)")
+    p.add_argument("--warmup", default=None, help="untimed calls per provider first (default 3 on GPU, 1 on CPU)")
+    p.add_argument("--repeats", default=None,
+                   help="timed rounds; each round times every provider once, in rotating order "
+                   "(default 20 on GPU, 5 on CPU); min/median/max are over these")
+    p.add_argument("--budget", default=None,
+                   help="stop timing a batch after this many seconds per provider, once 3 rounds are done "
+                   "(default 10)")
     p.add_argument("--preset", choices=["auto", *CONFIGS], default="auto",
                    help="model size: auto = pe-av-large on a GPU, a reduced config on CPU")
     p.add_argument("--fast-on-cpu", action="store_true", help="also time fast=True on CPU (falls back or interprets)")
@@ -345,21 +347,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", default="model", help="file names are <device>-<tag>.json/.png (default %(default)s)")
 
 
-def main(args: argparse.Namespace) -> int:
-    gpu = args.device.startswith("cuda")
+MAX_CLIPS = 256
+MAX_REPEATS = 10000
+
+
+class _Usage(Exception):
+    """A bad command-line value: one line, exit status 2."""
+
+
+def _int(name: str, value, lo: int, hi: int) -> int:
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise _Usage(f"{name} takes a whole number from {lo} to {hi}, got {value!r}") from None
+    if not lo <= n <= hi:
+        raise _Usage(f"{name} takes a whole number from {lo} to {hi}, got {n}")
+    return n
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Validate and fill in defaults in place; raise _Usage naming the first bad value."""
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        raise _Usage(f"--device {args.device!r} is not a device torch knows ({str(exc).splitlines()[0]})") from None
+    gpu = device.type == "cuda"
     if gpu and not torch.cuda.is_available():
-        raise SystemExit("pevideo bench: --device cuda but no CUDA GPU is visible")
+        raise _Usage("--device cuda but no CUDA GPU is visible")
+    if device.type not in ("cpu", "cuda"):
+        raise _Usage(f"--device takes cpu or cuda[:N], got {args.device!r}")
+    if args.clips is not None:
+        args.clips = _int("--clips", args.clips, 1, MAX_CLIPS)
+    lengths = [x.strip() for x in str(args.unequal).split(",")]
+    if not lengths or len(lengths) > MAX_CLIPS or not all(x.isdigit() and 1 <= int(x) <= FULL_FRAMES for x in lengths):
+        raise _Usage(f"--unequal takes 1 to {MAX_CLIPS} comma-separated clip lengths from 1 to {FULL_FRAMES}, "
+                     f"got {args.unequal!r}")
+    args.unequal = [int(x) for x in lengths]
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    args.repeats = args.repeats if args.repeats is not None else (20 if gpu else 3)
-    args.budget = args.budget if args.budget is not None else (10.0 if gpu else 8.0)
+    args.warmup = _int("--warmup", args.warmup, 0, 1000) if args.warmup is not None else (3 if gpu else 1)
+    args.repeats = _int("--repeats", args.repeats, 1, MAX_REPEATS) if args.repeats is not None else (20 if gpu else 5)
+    if args.budget is None:
+        args.budget = 10.0
+    else:
+        try:
+            budget = float(args.budget)
+        except ValueError:
+            budget = math.nan
+        if not (math.isfinite(budget) and budget > 0):
+            raise _Usage(f"--budget takes a positive number of seconds, got {args.budget!r}")
+        args.budget = budget
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        _check_args(args)
+    except _Usage as exc:
+        print(f"pevideo bench: error: {exc}", file=sys.stderr)
+        return 2
     report = run(args)
     print_table(report)
+    print("\n" + markdown_table(report))
     os.makedirs(args.out, exist_ok=True)
-    tag = report["machine"]["device"].replace(" ", "_").replace("/", "_") if gpu else "cpu"
-    jpath = os.path.join(args.out, f"{tag}-{args.tag}.json")
-    with open(jpath, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    chart = write_chart(report, os.path.join(args.out, f"{tag}-{args.tag}.png"))
+    stem = os.path.join(args.out, f"{machine_slug(report['machine'])}-{args.tag}")
+    jpath = write_json(stem + ".json", report)
+    chart = write_chart(report, stem + ".png")
     print(f"\nwrote {jpath}" + (f" and {chart}" if chart else " (no chart: matplotlib is not installed)"))
     return 0

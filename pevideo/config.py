@@ -41,6 +41,7 @@ class VitArgs:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """Patches per column and row; pixels past grid * patch_size are dropped, as timm's strided conv does."""
         return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
 
     @property
@@ -144,8 +145,10 @@ def vit_args(vision_config, num_classes: int | None = None) -> VitArgs:
         raise ValueError(f"embed_dim {out.embed_dim} is not divisible by num_heads {out.num_heads}")
     if out.head_dim % 4:
         raise ValueError(f"PE-Core's 2D RoPE needs head_dim divisible by 4, got {out.head_dim}")
-    if out.img_size[0] % out.patch_size or out.img_size[1] % out.patch_size:
-        raise ValueError(f"img_size {out.img_size} is not divisible by patch_size {out.patch_size}")
+    # img_size need not be a multiple of patch_size: as timm (a conv with stride = patch), the grid is
+    # img_size // patch_size and the trailing rows/columns of pixels are not used (see VitArgs.grid).
+    if min(out.grid) < 1:
+        raise ValueError(f"img_size {out.img_size} is smaller than patch_size {out.patch_size}")
     if out.embed_dim % out.attn_pool_num_heads:
         raise ValueError(f"embed_dim {out.embed_dim} is not divisible by attn_pool_num_heads {out.attn_pool_num_heads}")
     return out

@@ -48,9 +48,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, **hub_kwargs) -> str:
         ) from exc
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder (safetensors preferred; sharded or single file)."""
-    from safetensors.torch import load_file
+def _weight_files(path: str) -> list[str]:
+    """The checkpoint's weight files (safetensors preferred; sharded or single file)."""
 
     def _index(name):
         with open(os.path.join(path, name), encoding="utf-8") as f:
@@ -60,53 +59,99 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"checkpoint {path!r} is missing shard file(s) {missing} listed in {name}")
         return files
 
-    def _load(fn):
-        full = os.path.join(path, fn)
-        try:
-            if fn.endswith(".safetensors"):
-                return load_file(full)
-            return torch.load(full, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"could not read weights file {full!r}: {exc}") from exc
-
     if os.path.isfile(os.path.join(path, _SAFE_INDEX)):
-        files = _index(_SAFE_INDEX)
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    elif os.path.isfile(os.path.join(path, _BIN_INDEX)):
-        files = _index(_BIN_INDEX)
-    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-        files = ["pytorch_model.bin"]
-    else:
-        raise FileNotFoundError(f"no weights in {path!r} (expected model.safetensors or a sharded index)")
-    state: dict[str, torch.Tensor] = {}
-    for fn in files:
-        state.update(_load(fn))
-    return state
+        return _index(_SAFE_INDEX)
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    if os.path.isfile(os.path.join(path, _BIN_INDEX)):
+        return _index(_BIN_INDEX)
+    if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        return ["pytorch_model.bin"]
+    raise FileNotFoundError(f"no weights in {path!r} (expected model.safetensors or a sharded index)")
 
 
-def _map_keys(state: dict, kind: str) -> tuple[dict, list[str]]:
-    """Checkpoint keys -> this model's keys; returns (mapped, ignored keys of other towers)."""
+def _open_weights(full: str):
+    """(key -> shape, get(key) -> tensor) of one weights file; safetensors reads only its header here."""
+    try:
+        if full.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            f = safe_open(full, framework="pt")
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.get_tensor
+        try:  # mmap: shapes without reading the data (zip-format .bin files, torch >= 1.6)
+            state = torch.load(full, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            state = torch.load(full, map_location="cpu", weights_only=True)
+        return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
+    except Exception as exc:
+        raise ValueError(f"could not read weights file {full!r}: {exc}") from exc
+
+
+class _Weights:
+    """A checkpoint's tensors by name: shapes from the files' headers, tensors read on demand."""
+
+    def __init__(self, path: str):
+        self.shapes: dict[str, tuple] = {}
+        self._get: dict[str, object] = {}
+        for fn in _weight_files(path):
+            full = os.path.join(path, fn)
+            shapes, get = _open_weights(full)
+            for k, shape in shapes.items():
+                self.shapes.setdefault(k, shape)
+                self._get.setdefault(k, (get, full))
+
+    def load(self, key: str) -> torch.Tensor:
+        get, full = self._get[key]
+        try:
+            return get(key)
+        except Exception as exc:
+            raise ValueError(f"could not read tensor {key!r} from weights file {full!r}: {exc}") from exc
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (safetensors preferred; sharded or single file)."""
+    w = _Weights(path)
+    return {k: w.load(k) for k in w.shapes}
+
+
+# Tensors of upstream towers that pevideo doesn't build, by the checkpoint's model_type and the model
+# loaded. They are skipped and listed in ``model.ignored_checkpoint_keys``; any other tensor the model
+# doesn't use raises (see _check_fit).
+_AV_ONLY = (
+    "audio_model.", "audio_video_encoder.", "audio_video_head.", "text_audio_video_head.", "audio_plus_text_head.",
+    "video_plus_text_head.", "audio_video_logit_", "text_audio_video_logit_", "audio_plus_text_logit_",
+    "video_plus_text_logit_",
+)
+_TEXT_SIDE = ("text_model.", "text_video_head.", "video_head.", "text_video_logit_")
+
+
+def _layout(kind: str, model_type: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(prefixes to strip from checkpoint keys, prefixes of towers not built) for loading ``kind``."""
+    av = model_type == "pe_audio_video"
     if kind == "pe_video":
-        # PeAudioVideo checkpoints (facebook/pe-av-large) hold the video model under "video_model." and
-        # the shared text tower at the root.
-        roots = ("text_model.", "video_encoder.", "text_video_head.", "video_head.", "text_video_logit_")
-        strip = ("video_model.",)
-    else:
-        roots = ("embedder.", "patch_embedder.", "layers.", "norm.", "output.")
-        strip = ("video_model.video_encoder.", "video_encoder.")
+        return (("video_model.",), _AV_ONLY) if av else ((), ())
+    if av:  # the video tower of a PeAudioVideo checkpoint
+        return ("video_model.video_encoder.",), _AV_ONLY + _TEXT_SIDE + tuple("video_model." + p for p in _TEXT_SIDE)
+    if model_type == "pe_video":
+        return ("video_encoder.",), _TEXT_SIDE
+    return (), ()
+
+
+def _map_keys(keys, kind: str, model_type: str | None) -> tuple[dict[str, str], list[str]]:
+    """Checkpoint keys -> {model key: checkpoint key}, and the keys of towers pevideo doesn't build."""
+    strip, other = _layout(kind, model_type)
     mapped, ignored = {}, []
-    for key, value in state.items():
+    for key in keys:
+        if key.startswith(other):
+            ignored.append(key)
+            continue
         new = key
         for p in strip:
             if key.startswith(p):
                 new = key[len(p) :]
                 break
-        if new.startswith(roots):
-            mapped.setdefault(new, value)
-        else:
-            ignored.append(key)
-    return mapped, ignored
+        mapped.setdefault(new, key)  # a tied tensor saved twice (PeAudioVideo's text tower) maps once
+    return mapped, sorted(ignored)
 
 
 def _stored_dtype(state: dict) -> torch.dtype:
@@ -169,27 +214,73 @@ def _map_device(device, device_map):
     return resolve_device(target)
 
 
-def _load_checked(model: torch.nn.Module, state: dict, source: str) -> None:
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    wrong = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    )
+def _mismatch_message(source: str, sections) -> str:
+    parts = []
+    for title, items in sections:
+        if items:
+            shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+            parts.append(f"  {len(items)} {title}:\n    {shown}")
+    return f"checkpoint {source!r} does not match the model its config.json describes:\n" + "\n".join(parts)
+
+
+def _indices(shapes, prefix: str) -> set[int]:
+    """The numbers i of the ``prefix{i}.`` module lists among the checkpoint's keys."""
+    out = set()
+    for k in shapes:
+        if k.startswith(prefix):
+            head = k[len(prefix) :].split(".", 1)[0]
+            if head.isdigit():
+                out.add(int(head))
+    return out
+
+
+def _check_depths(config, kind: str, shapes: dict, source: str) -> None:
+    """Layer counts of config.json against the checkpoint's, before anything is built (a config that says
+    10000 layers must fail in milliseconds, not after allocating them)."""
+    from .config import vit_args
+
+    enc = config.video_config if kind == "pe_video" else config
+    pre = "video_encoder." if kind == "pe_video" else ""
+    counts = [
+        ("frame-encoder blocks (vision_config depth)", vit_args(enc.vision_config).depth,
+         pre + "embedder.vision_model.timm_model.blocks."),
+        ("temporal layers (num_hidden_layers)", enc.num_hidden_layers, pre + "layers."),
+    ]
+    if kind == "pe_video":
+        counts.append(("text layers (text_config num_hidden_layers)", config.text_config.num_hidden_layers,
+                       "text_model.layers."))
+    bad = []
+    for what, want, prefix in counts:
+        have = _indices(shapes, prefix)
+        n = max(have) + 1 if have else 0
+        # More layers than the checkpoint has: fail now. Fewer (or holes) cost nothing to build on the
+        # meta device, and _check_fit then lists the tensors one by one.
+        if want > n:
+            bad.append(f"config.json says {want} {what}, the checkpoint has {n}")
+    if bad:
+        raise CheckpointMismatchError(_mismatch_message(source, [("layer count(s) differ", bad)]))
+
+
+def _check_fit(own: dict, ckpt: dict, source: str) -> None:
+    """Model tensor shapes ``own`` against checkpoint shapes ``ckpt`` (both name -> shape); raise one
+    error listing every missing, unexpected and wrongly shaped tensor.
+
+    Unexpected tensors raise rather than being ignored (transformers warns and goes on): a tensor the
+    model has no place for means the checkpoint is not the architecture config.json describes (a newer
+    or modified model, a wrong merge), and the embeddings computed without it would be silently wrong.
+    Tensors of upstream towers pevideo doesn't build are not unexpected; they never reach here
+    (``_map_keys``) and are listed in ``model.ignored_checkpoint_keys``.
+    """
+    missing = sorted(k for k in own if k not in ckpt)
+    unexpected = sorted(k for k in ckpt if k not in own)
+    wrong = sorted(f"{k}: checkpoint {tuple(ckpt[k])} vs model {tuple(own[k])}"
+                   for k in own if k in ckpt and tuple(ckpt[k]) != tuple(own[k]))
     if missing or unexpected or wrong:
-        parts = []
-        for title, items in (("missing from the checkpoint", missing), ("not in the model", unexpected), ("wrong shape", wrong)):
-            if items:
-                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
-                parts.append(f"  {len(items)} tensor(s) {title}:\n    {shown}")
-        raise CheckpointMismatchError(
-            f"checkpoint {source!r} does not match the model its config.json describes:\n" + "\n".join(parts)
-        )
-    with torch.no_grad():
-        for k, t in own.items():
-            t.copy_(state[k])
+        raise CheckpointMismatchError(_mismatch_message(source, [
+            ("tensor(s) missing from the checkpoint", missing),
+            ("tensor(s) not in the model (pevideo refuses tensors it has no place for)", unexpected),
+            ("tensor(s) of the wrong shape", wrong),
+        ]))
 
 
 class PretrainedMixin:
@@ -226,14 +317,28 @@ class PretrainedMixin:
             pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
             local_files_only=local_files_only or None,
         )
-        config = config_from_dict(load_config_dict(path), cls._config_kind)
-        state, ignored = _map_keys(read_state_dict(path), cls._config_kind)
+        config_dict = load_config_dict(path)
+        config = config_from_dict(config_dict, cls._config_kind)
+        weights = _Weights(path)  # headers only: nothing is read or built before the checks below
+        names, ignored = _map_keys(weights.shapes, cls._config_kind, config_dict.get("model_type"))
+        shapes = {k: weights.shapes[c] for k, c in names.items()}
         head_key = ("video_encoder." if cls._config_kind == "pe_video" else "") + _HEAD_KEY
-        if head_key not in state:
+        if head_key not in shapes:
             raise CheckpointMismatchError(f"checkpoint {path!r} has no frame-encoder head ({head_key})")
-        num_classes = state[head_key].shape[0]  # transformers' config can't be trusted for this width
+        num_classes = shapes[head_key][0]  # transformers' config can't be trusted for this width
+        _check_depths(config, cls._config_kind, shapes, path)
+        with torch.device("meta"):  # the model's shapes, without allocating it
+            skeleton = cls(config, num_classes=num_classes)
+        _check_fit({k: v.shape for k, v in skeleton.state_dict().items()}, shapes, path)
+        del skeleton
+        state = {k: weights.load(c) for k, c in names.items()}
         model = cls(config, fast=fast, compile=compile, num_classes=num_classes)
-        _load_checked(model, state, path)
+        with torch.no_grad():
+            for k, t in model.state_dict().items():
+                t.copy_(state[k])
+        #: checkpoint tensors of upstream towers this model doesn't build (e.g. the audio towers of a
+        #: PeAudioVideo checkpoint, or the text tower when loading PeVideoEncoder); any other tensor the
+        #: model has no place for raises CheckpointMismatchError.
         model.ignored_checkpoint_keys = ignored
         model.name_or_path = path  # where the processor and tokenizer of this model are
         target_dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, stored=_stored_dtype(state))

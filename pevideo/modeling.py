@@ -93,6 +93,25 @@ def _check_mask(m, b: int, t: int, device):
     return m, m.flatten().nonzero().flatten()
 
 
+def _check_text(input_ids, attention_mask, vocab_size: int) -> None:
+    """Token ids the text tower can embed, and at least one token per text (ModernBERT fails deep inside,
+    with a bare IndexError or a reshape error, otherwise)."""
+    n, length = input_ids.shape
+    if n == 0 or length == 0:
+        raise ValueError(f"input_ids is empty: {tuple(input_ids.shape)}; each text needs at least one token")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = ((input_ids < 0) | (input_ids >= vocab_size)).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"input_ids must lie in [0, {vocab_size}) (the text model's vocab_size), got values from {lo} to {hi} "
+            f"in text(s) {bad[:10]}{' ...' if len(bad) > 10 else ''}; was it tokenized with this checkpoint's tokenizer?"
+        )
+    if attention_mask is not None:
+        empty = (~(attention_mask != 0).any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"text(s) {empty[:10]} have no token (attention_mask is all 0 there)")
+
+
 # --------------------------------------------------------------------------------------------------
 # Temporal encoder pieces (names as in transformers' modeling_pe_video)
 # --------------------------------------------------------------------------------------------------
@@ -481,6 +500,7 @@ class PeVideoModel(PretrainedMixin, nn.Module):
             raise ValueError(
                 f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
             )
+        _check_text(input_ids, attention_mask, self.config.text_config.vocab_size)
         dev = self.device
         return self.text_model(
             input_ids=input_ids.to(dev), attention_mask=None if attention_mask is None else attention_mask.to(dev)

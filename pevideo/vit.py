@@ -182,6 +182,11 @@ class PeCoreViT(nn.Module):
         """Patch embedding as patchify (+ normalize, for uint8 frames) then one GEMM: (F, P, D)."""
         a = self.args
         w = self.patch_embed.proj.weight  # (D, 3, p, p) -> GEMM over (c, kh, kw) patch rows
+        h, wd = a.grid[0] * a.patch_size, a.grid[1] * a.patch_size
+        if tuple(a.img_size) != (h, wd):
+            # img_size not a multiple of the patch: timm's stride-p conv never reads the trailing pixels;
+            # pass a view cropped to the grid (no copy; patchify reads any strides).
+            pixels = pixels[:, :h, :wd] if pixels.dtype == torch.uint8 else pixels[..., :h, :wd]
         rows = self._ops.patchify("patchify", pixels, a.patch_size, out_dtype=w.dtype, frame_index=frame_index, **(norm or {}))
         return rows @ w.view(w.shape[0], -1).t()
 

@@ -79,6 +79,33 @@ def test_bad_text_and_loss(model):
         model(input_ids=ids3, attention_mask=am3, pixel_values_videos=pixels, return_loss=True)
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ids, am: (ids + 97, am), r"\[0, 97\)"),  # vocab_size 97 (tests/_upstream.TEXT)
+        (lambda ids, am: (ids - 50, am), r"\[0, 97\).*from -"),
+        (lambda ids, am: (ids[:, :0], am[:, :0]), "empty"),
+        (lambda ids, am: (ids[:0], am[:0]), "empty"),
+        (lambda ids, am: (ids, am * torch.tensor([[1], [0]])), r"text\(s\) \[1\] have no token"),
+    ],
+)
+def test_bad_text_ids(model, make, match):
+    """Ids outside the vocabulary and texts without a token: a clear ValueError, not ModernBERT's IndexError."""
+    ids, am = make(*text_inputs(2))
+    pixels, _ = video_inputs(model.config, [2, 2])
+    with pytest.raises(ValueError, match=match):
+        model.get_text_features(ids, attention_mask=am)
+    with pytest.raises(ValueError, match=match):
+        model(input_ids=ids, attention_mask=am, pixel_values_videos=pixels)
+
+
+def test_text_ids_at_the_vocabulary_edge_run(model):
+    ids, am = text_inputs(2)
+    ids[0, 1], ids[1, 1] = 0, 96
+    with torch.no_grad():
+        assert torch.isfinite(model.get_text_features(ids, attention_mask=am).pooler_output).all()
+
+
 def test_missing_tensor(saved, tmp_path):
     for f in saved.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
@@ -89,17 +116,66 @@ def test_missing_tensor(saved, tmp_path):
         pevideo.PeVideoModel.from_pretrained(tmp_path)
 
 
-def test_mismatched_config(saved, tmp_path):
+def _copy(saved, tmp_path):
     for f in saved.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
+
+
+def _edit_config(tmp_path, edit):
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["video_config"]["intermediate_size"] = 80
-    cfg["video_config"]["vision_config"]["model_args"]["depth"] = 3
+    edit(cfg)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+
+def _built_on(monkeypatch):
+    """Record the device of every PeVideoModel built (meta = shapes only, nothing allocated)."""
+    built = []
+    init = pevideo.PeVideoModel.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        built.append(self.text_video_logit_scale.device.type)
+
+    monkeypatch.setattr(pevideo.PeVideoModel, "__init__", spy)
+    return built
+
+
+def test_mismatched_config(saved, tmp_path, monkeypatch):
+    _copy(saved, tmp_path)
+    _edit_config(tmp_path, lambda c: c["video_config"].update(intermediate_size=80))
+    built = _built_on(monkeypatch)
     with pytest.raises(pevideo.CheckpointMismatchError) as err:
         pevideo.PeVideoModel.from_pretrained(tmp_path)
     msg = str(err.value)
-    assert "blocks.2" in msg and "wrong shape" in msg and "gate_proj" in msg
+    assert "wrong shape" in msg and "gate_proj" in msg and "(64, 48) vs model (80, 48)" in msg
+    assert built == ["meta"]  # checked against the shapes alone, before allocating the model
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c["video_config"]["vision_config"]["model_args"].update(depth=10000),
+         "says 10000 frame-encoder blocks .*the checkpoint has 2"),
+        (lambda c: c["video_config"]["vision_config"]["model_args"].update(depth=3),
+         "says 3 frame-encoder blocks .*the checkpoint has 2"),
+        (lambda c: c["video_config"].update(num_hidden_layers=10000), "says 10000 temporal layers .*the checkpoint has 2"),
+        (lambda c: (c["text_config"].pop("layer_types", None), c["text_config"].update(num_hidden_layers=3)),
+         "says 3 text layers .*the checkpoint has 2"),
+    ],
+)
+def test_layer_count_checked_before_building(saved, tmp_path, monkeypatch, edit, match):
+    """A config with far more layers than the checkpoint fails before any module is built."""
+    import pevideo.vit
+
+    _copy(saved, tmp_path)
+    _edit_config(tmp_path, edit)
+    built = _built_on(monkeypatch)
+    blocks = []
+    block_init = pevideo.vit.Block.__init__
+    monkeypatch.setattr(pevideo.vit.Block, "__init__", lambda self, *a, **kw: (blocks.append(1), block_init(self, *a, **kw)))
+    with pytest.raises(pevideo.CheckpointMismatchError, match=match):
+        pevideo.PeVideoModel.from_pretrained(tmp_path)
+    assert built == [] and blocks == []
 
 
 def test_unexpected_tensor(saved, tmp_path):
@@ -110,6 +186,27 @@ def test_unexpected_tensor(saved, tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(pevideo.CheckpointMismatchError, match="not in the model"):
         pevideo.PeVideoModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("cls", ["PeVideoModel", "PeVideoEncoder"])
+def test_stray_top_level_tensor_raises(saved, tmp_path, cls):
+    """One rule: a tensor the model has no place for raises, at the top level as under video_encoder.*
+    (it was ignored silently there); tensors of towers not built are listed, not loaded."""
+    _copy(saved, tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["extra.weight"] = torch.randn(3, 3)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(pevideo.CheckpointMismatchError, match=r"not in the model[^$]*extra\.weight"):
+        getattr(pevideo, cls).from_pretrained(tmp_path)
+
+
+def test_towers_not_built_are_listed(saved):
+    enc = pevideo.PeVideoEncoder.from_pretrained(saved)
+    ignored = enc.ignored_checkpoint_keys
+    assert ignored and all(k.startswith(("text_model.", "text_video_head.", "video_head.", "text_video_logit_"))
+                           for k in ignored)
+    assert any(k.startswith("text_model.layers.") for k in ignored)
+    assert pevideo.PeVideoModel.from_pretrained(saved).ignored_checkpoint_keys == []
 
 
 def test_bad_folders(tmp_path, saved):
@@ -139,7 +236,7 @@ def test_bad_folders(tmp_path, saved):
         (dict(architecture="vit_base_patch16_224"), "not a PE-Core ViT"),
         (dict(architecture="vit_pe_core_tiny_patch16_384", model_args=dict(qk_norm=True)), "qk_norm"),
         (dict(architecture="vit_pe_core_tiny_patch16_384", model_args=dict(embed_dim=30, num_heads=3)), "divisible by 4"),
-        (dict(architecture="vit_pe_core_tiny_patch16_384", model_args=dict(img_size=50)), "not divisible by patch_size"),
+        (dict(architecture="vit_pe_core_tiny_patch16_384", model_args=dict(img_size=8)), "smaller than patch_size"),
         (dict(architecture="vit_pe_core_tiny_patch16_384", model_args=dict(foo=1)), "foo"),
     ],
 )

@@ -219,6 +219,14 @@ def test_pe_audio_video_checkpoint_loads(tmp_path):
         a = ref(input_ids=ids, attention_mask=am, pixel_values_videos=pixels, padding_mask_videos=mask)
         b = ours(input_ids=ids, attention_mask=am, pixel_values_videos=pixels, padding_mask_videos=mask)
     _compare(a, b, mask)
+    # its video tower alone: the text and audio towers are listed, not read
+    enc = pevideo.PeVideoEncoder.from_pretrained(tmp_path)
+    assert any(k.startswith("audio") for k in enc.ignored_checkpoint_keys)
+    assert any(k.startswith(("text_model.", "video_model.text_model.")) for k in enc.ignored_checkpoint_keys)
+    assert not any(k.startswith("video_model.video_encoder.") for k in enc.ignored_checkpoint_keys)
+    with torch.no_grad():
+        c = enc(pixels, padding_mask_videos=mask)
+    assert rel_err(c.pooler_output, a.video_outputs.pooler_output) <= TOL
 
 
 def test_encoder_alone(tmp_path):
@@ -307,3 +315,72 @@ def test_config_dict_and_sizes_follow_checkpoint(tmp_path):
     m = pevideo.PeVideoModel.from_pretrained(tmp_path)
     assert m.video_encoder.vit.head.weight.shape[0] == CONFIGS["tiny"][2]
     assert os.path.exists(tmp_path / "model.safetensors")
+
+
+# img_size not a multiple of the patch size: timm's stride-p conv makes a grid of img_size // p patches
+# and never reads the trailing pixels; transformers + timm load and run such checkpoints, so must pevideo.
+ODD_SIZES = {"patch16-img40": ("tiny", 40), "patch14-img32": ("large80", 32), "patch14-img44x30": ("large80", (44, 30))}
+
+
+@pytest.fixture(scope="module", params=sorted(ODD_SIZES))
+def odd_pair(request, tmp_path_factory):
+    from transformers import PeVideoConfig, PeVideoModel
+
+    name, size = ODD_SIZES[request.param]
+    d = make_config(name).to_dict()
+    d["video_config"]["vision_config"]["model_args"]["img_size"] = size
+    torch.manual_seed(0)
+    hf = randomize(PeVideoModel(PeVideoConfig.from_dict(d))).eval()
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def test_img_size_not_multiple_of_patch_matches_upstream(odd_pair):
+    hf, path = odd_pair
+    ours = pevideo.PeVideoModel.from_pretrained(path)
+    a_ = ours.video_encoder.vit.args
+    assert a_.img_size[0] % a_.patch_size or a_.img_size[1] % a_.patch_size  # the case under test
+    pixels, mask = video_inputs(hf.config, [3, 1])
+    ids, am = text_inputs(2)
+    with torch.no_grad():
+        a = hf(input_ids=ids, attention_mask=am, pixel_values_videos=pixels, padding_mask_videos=mask)
+        b = ours(input_ids=ids, attention_mask=am, pixel_values_videos=pixels, padding_mask_videos=mask)
+        # the trailing pixels are not read, by either
+        edge = pixels.clone()
+        edge[..., a_.grid[0] * a_.patch_size :, :] = float("nan")
+        edge[..., a_.grid[1] * a_.patch_size :] = float("nan")
+        c = ours.get_video_features(edge, mask)
+    _compare(a, b, mask)
+    assert torch.equal(c.pooler_output, b.video_embeds)
+    # a folder pevideo writes loads back
+    ours.save_pretrained(path / "ours")
+    again = pevideo.PeVideoModel.from_pretrained(path / "ours")
+    with torch.no_grad():
+        assert torch.equal(again.get_video_features(pixels, mask).pooler_output, b.video_embeds)
+
+
+def test_img_size_not_multiple_of_patch_fast_and_uint8(odd_pair):
+    """The fast path (patchify on the cropped view, RoPE and position grid) against eager, float and uint8 in."""
+    _, path = odd_pair
+    eager = pevideo.PeVideoModel.from_pretrained(path)
+    fast = pevideo.PeVideoModel.from_pretrained(path, fast=True)
+    pixels, mask = video_inputs(eager.config, [2, 1])
+    u8 = torch.randint(0, 256, (*pixels.shape[:2], *pixels.shape[3:], 3), dtype=torch.uint8,
+                       generator=torch.Generator().manual_seed(3))
+    as_float = (u8.permute(0, 1, 4, 2, 3).float() / 255 - 0.5) / 0.5
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", pevideo.PeVideoKernelFallbackWarning)  # CPU without Triton: reference
+        a = eager.get_video_features(pixels, mask).pooler_output
+        b = fast.get_video_features(pixels, mask).pooler_output
+        report = pevideo.kernel_report(fast)
+        c = eager.get_video_features_uint8(u8, mask).pooler_output
+        d = fast.get_video_features_uint8(u8, mask).pooler_output
+        e = eager.get_video_features(as_float, mask).pooler_output
+    assert rel_err(b, a) <= 1e-4 and rel_err(d, c) <= 1e-4 and rel_err(c, e) <= 1e-4
+    from pevideo_kernels import HAS_TRITON, interpreting
+
+    if HAS_TRITON and (torch.cuda.is_available() or interpreting()):
+        assert report["patchify"] == "fused" and report["frame_attention"] == "fused"
