@@ -313,9 +313,11 @@ if HAS_TRITON:
         dt = Qh.dtype.element_ty
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_ok = offs_m < len_q
+        run = True
         if ZERO_PAD_Q:
             q_ok = q_ok & (tl.load(Mrow + offs_m * stride_mt, mask=q_ok, other=0) != 0)
-        if tl.max(q_ok.to(tl.int32), 0) > 0:  # a block of padded queries only is not read
+            run = tl.max(q_ok.to(tl.int32), 0) > 0  # a block of padded queries only is not read
+        if run:
             qa, qb = _load_tile(Qh, Ch, offs_m, q_ok, f0, f1, f2, stride_qt, stride_ct, stride_cd,
                                 HEAD_DIM, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, FAST_TRIG)
             od = tl.arange(0, BLOCK_D)

@@ -155,11 +155,13 @@ def rope_attention_bwd(
     return dq, dk, dv
 
 
-def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout, cu_seqlens, key_padding_mask,
-                scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n):
-    from ._rope_attention_bwd_triton import _rope_attn_bwd_dkdv, _rope_attn_bwd_dq
-    from ._triton import interpreting
+def _bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, rope_layout, cu_seqlens,
+                     key_padding_mask, scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n,
+                     on_cpu):
+    """Both kernels' arguments: (dq_args, dkdv_args, flags, launch options, grid_q, grid_k).
 
+    Shared by the launcher and by ahead-of-time build checks, so that these compile what a launch would.
+    """
     packed = cu_seqlens is not None
     d = q.shape[-1]
     hq, hkv = q.shape[-2], k.shape[-2]
@@ -167,7 +169,6 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout,
     def strides(t):  # (batch, token, head) strides; packed tensors have no batch dim
         return (0, *t.stride()[:2]) if packed else tuple(t.stride()[:3])
 
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # rowsum(dO * O), from the dQ kernel
     has_rope = coords is not None
     has_mask = key_padding_mask is not None
     dummy = q  # stands in for absent pointers; never read (the matching flag is off)
@@ -191,7 +192,6 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout,
         FAST_TRIG=q.device.type == "cuda" and torch.version.hip is None,
         IEEE_DOT=q.dtype == torch.float32,
     )
-    on_cpu = interpreting() and q.device.type == "cpu"
     if on_cpu:
         bm, bn = INTERPRET_BLOCKS
         launch = {}
@@ -201,6 +201,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout,
     bm, bn = block_m or bm, block_n or bn
     if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"block sizes must be powers of two >= 16, got ({bm}, {bn})")
+    flags.update(BLOCK_M=bm, BLOCK_N=bn)
 
     common = (seqlen_q, seqlen_k, hq // hkv, float(scale))
     dq_args = (
@@ -213,16 +214,30 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout,
         *strides(q), *strides(k), *strides(v), *strides(dout), *strides(lse), *strides(delta),
         *strides(dk), *strides(dv), *sc, *sm,
     )
+    # dQ programs own BLOCK_M queries and stream keys; dK/dV programs own BLOCK_N keys and stream queries.
     grid_q = (triton_cdiv(seqlen_q, bm) * nbatch, hq)
-    # dK/dV tiles are BLOCK_N keys tall and stream BLOCK_M-query blocks; the dQ kernel the other way.
     grid_k = (triton_cdiv(seqlen_k, bn) * nbatch, hkv)
+    return dq_args, dkdv_args, flags, launch, grid_q, grid_k
+
+
+def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout, cu_seqlens, key_padding_mask,
+                scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n):
+    from ._rope_attention_bwd_triton import _rope_attn_bwd_dkdv, _rope_attn_bwd_dq
+    from ._triton import interpreting
+
+    on_cpu = interpreting() and q.device.type == "cpu"
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # rowsum(dO * O), from the dQ kernel
+    dq_args, dkdv_args, flags, launch, grid_q, grid_k = _bwd_kernel_args(
+        dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, rope_layout, cu_seqlens, key_padding_mask,
+        scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n, on_cpu,
+    )
     if on_cpu:
-        _rope_attn_bwd_dq[grid_q](*dq_args, **flags, BLOCK_M=bm, BLOCK_N=bn, **launch)
-        _rope_attn_bwd_dkdv[grid_k](*dkdv_args, **flags, BLOCK_M=bm, BLOCK_N=bn, **launch)
+        _rope_attn_bwd_dq[grid_q](*dq_args, **flags, **launch)
+        _rope_attn_bwd_dkdv[grid_k](*dkdv_args, **flags, **launch)  # reads the dQ kernel's delta
     else:
         with torch.cuda.device(q.device):
-            _rope_attn_bwd_dq[grid_q](*dq_args, **flags, BLOCK_M=bm, BLOCK_N=bn, **launch)
-            _rope_attn_bwd_dkdv[grid_k](*dkdv_args, **flags, BLOCK_M=bm, BLOCK_N=bn, **launch)
+            _rope_attn_bwd_dq[grid_q](*dq_args, **flags, **launch)
+            _rope_attn_bwd_dkdv[grid_k](*dkdv_args, **flags, **launch)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -81,6 +81,8 @@ def _run(q, k, v, *, tol, dead_q=None, dead_k=None, **kw):
     dout = torch.randn(*q.shape[:-1], v.shape[-1], device=DEV).to(q.dtype)
     out, gq, gk, gv = _ref_grads(q, k, v, dout, **kw)
     lse = _lse(q, k, kw)
+    if "cu_seqlens" in kw:  # any strides: here a head-major buffer, as a forward may store it
+        lse = lse.t().contiguous().t()
     qk, kk, vk, dk_out = q.clone(), k.clone(), v.clone(), dout.clone()
     if dead_q is not None:
         qk[dead_q] = float("nan")
