@@ -48,15 +48,19 @@ def _key_ranges(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo.to(torch.int32), hi.to(torch.int32), contiguous), 1).contiguous()
 
 
-def _gpu_blocks(d: int, fp32: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on CUDA. Not tuned yet (no GPU was at hand)."""
+def _gpu_configs(d: int, fp32: bool):
+    """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel, the same of the dK/dV kernel) on CUDA.
+
+    Picked without a GPU, as the largest tiles that ptxas (sm_90) compiles with no or few register
+    spills; still to be tuned on a GPU. dQ programs own BLOCK_M queries, dK/dV programs BLOCK_N keys.
+    """
     if fp32:
-        return 32, 16, 4, 2
+        return (64, 32, 8, 2), (32, 64, 8, 2)
     if d <= 64:
-        return 64, 64, 4, 2
+        return (64, 64, 8, 2), (64, 64, 8, 2)
     if d <= 128:
-        return 64, 32, 8, 2
-    return 32, 32, 8, 1
+        return (32, 64, 8, 2), (64, 32, 8, 2)
+    return (32, 32, 8, 2), (32, 32, 8, 2)
 
 
 def _check_bwd_args(dout, q, k, v, out, lse, dq, dk, dv):
@@ -158,7 +162,8 @@ def rope_attention_bwd(
 def _bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, rope_layout, cu_seqlens,
                      key_padding_mask, scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n,
                      on_cpu):
-    """Both kernels' arguments: (dq_args, dkdv_args, flags, launch options, grid_q, grid_k).
+    """Both kernels' launches: ((args, (constexpr flags, launch options), grid) of the dQ kernel, the same of
+    the dK/dV kernel).
 
     Shared by the launcher and by ahead-of-time build checks, so that these compile what a launch would.
     """
@@ -193,15 +198,20 @@ def _bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, 
         IEEE_DOT=q.dtype == torch.float32,
     )
     if on_cpu:
-        bm, bn = INTERPRET_BLOCKS
-        launch = {}
+        cfg_q = cfg_k = (*INTERPRET_BLOCKS, None, None)
     else:
-        bm, bn, warps, stages = _gpu_blocks(d, q.dtype == torch.float32)
-        launch = dict(num_warps=warps, num_stages=stages)
-    bm, bn = block_m or bm, block_n or bn
-    if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
-        raise ValueError(f"block sizes must be powers of two >= 16, got ({bm}, {bn})")
-    flags.update(BLOCK_M=bm, BLOCK_N=bn)
+        cfg_q, cfg_k = _gpu_configs(d, q.dtype == torch.float32)
+    if block_m or block_n:
+        cfg_q = (block_m or cfg_q[0], block_n or cfg_q[1], *cfg_q[2:])
+        cfg_k = (block_m or cfg_k[0], block_n or cfg_k[1], *cfg_k[2:])
+    for bm, bn, _, _ in (cfg_q, cfg_k):
+        if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
+            raise ValueError(f"block sizes must be powers of two >= 16, got ({bm}, {bn})")
+    # (flags, launch options) of each kernel
+    conf_q = (dict(flags, BLOCK_M=cfg_q[0], BLOCK_N=cfg_q[1]),
+              {} if on_cpu else dict(num_warps=cfg_q[2], num_stages=cfg_q[3]))
+    conf_k = (dict(flags, BLOCK_M=cfg_k[0], BLOCK_N=cfg_k[1]),
+              {} if on_cpu else dict(num_warps=cfg_k[2], num_stages=cfg_k[3]))
 
     common = (seqlen_q, seqlen_k, hq // hkv, float(scale))
     dq_args = (
@@ -215,9 +225,9 @@ def _bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, 
         *strides(dk), *strides(dv), *sc, *sm,
     )
     # dQ programs own BLOCK_M queries and stream keys; dK/dV programs own BLOCK_N keys and stream queries.
-    grid_q = (triton_cdiv(seqlen_q, bm) * nbatch, hq)
-    grid_k = (triton_cdiv(seqlen_k, bn) * nbatch, hkv)
-    return dq_args, dkdv_args, flags, launch, grid_q, grid_k
+    grid_q = (_cdiv(seqlen_q, cfg_q[0]) * nbatch, hq)
+    grid_k = (_cdiv(seqlen_k, cfg_k[1]) * nbatch, hkv)
+    return (dq_args, conf_q, grid_q), (dkdv_args, conf_k, grid_k)
 
 
 def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout, cu_seqlens, key_padding_mask,
@@ -227,20 +237,20 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout,
 
     on_cpu = interpreting() and q.device.type == "cpu"
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # rowsum(dO * O), from the dQ kernel
-    dq_args, dkdv_args, flags, launch, grid_q, grid_k = _bwd_kernel_args(
+    (dq_args, (dq_flags, dq_opts), grid_q), (dkdv_args, (dkdv_flags, dkdv_opts), grid_k) = _bwd_kernel_args(
         dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, rope_layout, cu_seqlens, key_padding_mask,
         scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n, on_cpu,
     )
     if on_cpu:
-        _rope_attn_bwd_dq[grid_q](*dq_args, **flags, **launch)
-        _rope_attn_bwd_dkdv[grid_k](*dkdv_args, **flags, **launch)  # reads the dQ kernel's delta
+        _rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags)
+        _rope_attn_bwd_dkdv[grid_k](*dkdv_args, **dkdv_flags)  # reads the dQ kernel's delta
     else:
         with torch.cuda.device(q.device):
-            _rope_attn_bwd_dq[grid_q](*dq_args, **flags, **launch)
-            _rope_attn_bwd_dkdv[grid_k](*dkdv_args, **flags, **launch)
+            _rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags, **dq_opts)
+            _rope_attn_bwd_dkdv[grid_k](*dkdv_args, **dkdv_flags, **dkdv_opts)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 

@@ -361,3 +361,43 @@ def test_bad_arguments(seed):
         rope_attention_bwd(q, q, q, q, q, lse, block_m=24)
     with pytest.raises(ValueError, match="skip_padded_queries"):  # the forward's own checks apply
         rope_attention_bwd(q, q, q, q, q, lse, skip_padded_queries=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# bf16 on a GPU (the interpreter's bf16 dot is wrong): error within 2x of PyTorch's own bf16 backward
+# --------------------------------------------------------------------------------------------------
+def _bf16_case(name):
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", generator=g)
+
+    if name == "frames":
+        n, L, d = 4, 577, 64
+        coords, freqs = pe_core_rope_2d(24, 24, d, device="cuda")
+        cu = torch.arange(n + 1, dtype=torch.int32, device="cuda") * L
+        return (r(n * L, 8, d), r(n * L, 8, d), r(n * L, 8, d)), dict(
+            coords=coords.repeat(n, 1), freqs=freqs, cu_seqlens=cu, max_seqlen=L)
+    b, seq = 4, 300
+    mask = torch.rand(b, seq, device="cuda", generator=g) < 0.7
+    return (r(b, seq, 8, 80), r(b, seq, 2, 80), r(b, seq, 2, 80)), dict(
+        coords=torch.randint(0, 50, (b, seq, 3), device="cuda", generator=g, dtype=torch.int32),
+        freqs=_freqs(80), rope_layout="half", key_padding_mask=mask, skip_padded_queries=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["frames", "gqa_padded"])
+def test_bf16_grad_error_within_2x_of_pytorch(name):
+    (q, k, v), kw = _bf16_case(name)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], device="cuda").bfloat16()
+    out, *ref32 = _ref_grads(qb, kb, vb, dout, **kw)
+    bq, bk, bv = (t.detach().clone().requires_grad_() for t in (qb, kb, vb))
+    rope_attention_ref(bq, bk, bv, **kw).backward(dout)
+    lse = _lse(qb, kb, kw)
+    fused = rope_attention_bwd(dout, qb, kb, vb, out, lse, **kw)
+    for got, torch_bf16, want in zip(fused, (bq.grad, bk.grad, bv.grad), ref32):
+        assert torch.isfinite(got).all()
+        f_err, t_err = (got.float() - want), (torch_bf16.float() - want)
+        assert f_err.pow(2).mean().sqrt() <= 2 * t_err.pow(2).mean().sqrt() + 1e-6
+        assert f_err.abs().max() <= 2 * t_err.abs().max() + 1e-6
