@@ -206,11 +206,11 @@ def test_head_dim_256(seed):
 
 
 @pytest.mark.parametrize("tol", DTYPES)
-@pytest.mark.parametrize("lk, with_mask", [(29, False), (29, True), (5, True)])
-def test_cross_attention(seed, tol, lk, with_mask):
+@pytest.mark.parametrize("lq, lk, with_mask", [(7, 29, False), (7, 29, True), (7, 5, True), (1, 29, True)])
+def test_cross_attention(seed, tol, lq, lk, with_mask):
     """Queries and keys of different lengths, no RoPE (e.g. attention pooling), GQA."""
     dtype = tol[0]
-    b, lq, d = 5, 7, 16
+    b, d = 5, 16
     q = _rand(b, lq, 4, d, dtype=dtype)
     k, v = (_rand(b, lk, 2, d, dtype=dtype) for _ in range(2))
     kw = {}
@@ -237,7 +237,7 @@ def test_fused_qkv_padded(seed, tol):
     mask = torch.ones(b, seq, dtype=torch.bool, device=DEV)
     mask[1, 15:] = False
     kw = dict(coords=_coords((b, seq), "int32"), freqs=_freqs(d), key_padding_mask=mask)
-    dout = _rand(b, seq, heads, d, dtype=dtype)
+    dout = _rand(b, seq, 2 * heads, d, dtype=dtype)[:, :, ::2]  # a strided incoming gradient
     ref = qkv.detach().float().requires_grad_()
     out = rope_attention_ref(*ref.unbind(2), **kw)
     out.backward(dout.float())
