@@ -20,32 +20,17 @@ from __future__ import annotations
 
 import torch
 
-from ._rope_attention_bwd_triton import HAS_BWD_KERNEL
-from ._triton import device_reason
-from .rope_attention import _check_args, apply_rope_ref
+from ._triton import LAUNCH, interpreting, runtime_reason
+from .rope_attention import apply_rope_ref, rope_attention_check_args
 
-__all__ = ["rope_attention_bwd", "rope_attention_lse_ref"]
+try:  # the guarded import of the Triton side (as rope_attention's)
+    from ._rope_attention_bwd_triton import rope_attn_bwd_dkdv, rope_attn_bwd_dq
+    from ._rope_attention_triton import _key_ranges, _next_pow2
+    BWD_KERNEL_MISSING: str | None = None
+except Exception as exc:  # noqa: BLE001  ImportError, or a Triton these kernels can't be defined with
+    BWD_KERNEL_MISSING = f"{type(exc).__name__}: {exc}"
 
-# (BLOCK_M, BLOCK_N) under TRITON_INTERPRET (no autotuning there); the launcher's block_m / block_n
-# override it (tests take small tiles to reach more code paths with short sequences).
-INTERPRET_BLOCKS = (32, 32)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _key_ranges(mask: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) bool -> (batch, 3) int32: first real key, last real key + 1, 1 if all keys in between
-    are real (the forward's convention). On the mask's device, no host sync."""
-    n = mask.shape[1]
-    pos = torch.arange(1, n + 1, device=mask.device, dtype=torch.int32)
-    m = mask.to(torch.int32)
-    hi = (m * pos).amax(1)
-    lo = torch.where(mask, pos, n + 1).amin(1) - 1
-    count = m.sum(1, dtype=torch.int32)
-    contiguous = (count == hi - lo).to(torch.int32)
-    return torch.stack((lo.to(torch.int32), hi.to(torch.int32), contiguous), 1).contiguous()
+__all__ = ["rope_attention_bwd", "rope_attention_lse_ref", "BWD_KERNEL_MISSING"]
 
 
 def _gpu_configs(d: int, fp32: bool):
@@ -128,20 +113,24 @@ def rope_attention_bwd(
 
     Padded query rows under ``skip_padded_queries`` and rows with no real key get zero gradients.
     ``coords`` and ``freqs`` get none. Runs the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1);
-    raises RuntimeError where they cannot run. ``block_m`` / ``block_n`` override the tile sizes.
+    raises RuntimeError where they cannot run. ``block_m`` / ``block_n`` override the tile sizes
+    (under the interpreter the default is ``pevideo_kernels.testing.interpreter_blocks``'s).
     """
-    _check_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale,
-                skip_padded_queries)
+    rope_attention_check_args(
+        q, k, v, coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        key_padding_mask=key_padding_mask, scale=scale, skip_padded_queries=skip_padded_queries,
+    )
     _check_bwd_args(dout, q, k, v, out, lse, dq, dk, dv)
-    reason = device_reason(q, k, v, coords, freqs, key_padding_mask, cu_seqlens, out, dout, lse)
-    if reason is None and not HAS_BWD_KERNEL:
-        reason = "the Triton backward kernel is not built in this version"
+    reason = runtime_reason(
+        BWD_KERNEL_MISSING, (q, k, v, coords, freqs, key_padding_mask, cu_seqlens, out, dout, lse, dq, dk, dv), ()
+    )
     if reason is not None:
         raise RuntimeError(f"rope_attention_bwd cannot run the kernel: {reason}")
 
-    dq = torch.empty_like(q) if dq is None else dq
-    dk = torch.empty_like(k) if dk is None else dk
-    dv = torch.empty_like(v) if dv is None else dv
+    dq, dk, dv = (torch.empty_like(x) if g is None else g for x, g in ((q, dq), (k, dk), (v, dv)))
+    if LAUNCH.poison:  # (pevideo_kernels.testing.poison_outputs) so that unwritten elements show up
+        for g in (dq, dk, dv):
+            g.fill_(float("nan"))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     packed = cu_seqlens is not None
     if packed and max_seqlen is None and cu_seqlens.numel() > 1:
@@ -197,8 +186,8 @@ def _bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, 
         FAST_TRIG=q.device.type == "cuda" and torch.version.hip is None,
         IEEE_DOT=q.dtype == torch.float32,
     )
-    if on_cpu:
-        cfg_q = cfg_k = (*INTERPRET_BLOCKS, None, None)
+    if on_cpu:  # (pevideo_kernels.testing.interpreter_blocks)
+        cfg_q = cfg_k = (*LAUNCH.interpret_blocks, None, None)
     else:
         cfg_q, cfg_k = _gpu_configs(d, q.dtype == torch.float32)
     if block_m or block_n:
@@ -232,9 +221,6 @@ def _bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, 
 
 def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout, cu_seqlens, key_padding_mask,
                 scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n):
-    from ._rope_attention_bwd_triton import _rope_attn_bwd_dkdv, _rope_attn_bwd_dq
-    from ._triton import interpreting
-
     on_cpu = interpreting() and q.device.type == "cpu"
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # rowsum(dO * O), from the dQ kernel
     (dq_args, (dq_flags, dq_opts), grid_q), (dkdv_args, (dkdv_flags, dkdv_opts), grid_k) = _bwd_kernel_args(
@@ -242,12 +228,12 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout,
         scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n, on_cpu,
     )
     if on_cpu:
-        _rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags)
-        _rope_attn_bwd_dkdv[grid_k](*dkdv_args, **dkdv_flags)  # reads the dQ kernel's delta
+        rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags)
+        rope_attn_bwd_dkdv[grid_k](*dkdv_args, **dkdv_flags)  # reads the dQ kernel's delta
     else:
         with torch.cuda.device(q.device):
-            _rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags, **dq_opts)
-            _rope_attn_bwd_dkdv[grid_k](*dkdv_args, **dkdv_flags, **dkdv_opts)
+            rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags, **dq_opts)
+            rope_attn_bwd_dkdv[grid_k](*dkdv_args, **dkdv_flags, **dkdv_opts)
 
 
 def _cdiv(a: int, b: int) -> int:

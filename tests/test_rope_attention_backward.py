@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pevideo_kernels import pe_core_rope_2d, rope_attention_ref
+from pevideo.rope import pe_core_rope_2d
+from pevideo_kernels import rope_attention_ref
 from pevideo_kernels.rope_attention_bwd import rope_attention_bwd, rope_attention_lse_ref
+from pevideo_kernels.testing import interpreter_blocks, poison_outputs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEV == "cuda"
@@ -276,7 +278,8 @@ def test_allocates_when_no_buffers(seed):
     kw = dict(coords=_coords((b, seq), "int32"), freqs=_freqs(d))
     dout = _rand(b, seq, heads, d, dtype=torch.float32)
     out, gq, gk, gv = _ref_grads(q, k, v, dout, **kw)
-    dq, dk, dv = rope_attention_bwd(dout, q, k, v, out, _lse(q, k, kw), **kw)  # default tile sizes
+    with poison_outputs(), interpreter_blocks(16, 32):  # allocated buffers start as NaN
+        dq, dk, dv = rope_attention_bwd(dout, q, k, v, out, _lse(q, k, kw), **kw)
     for got, want in ((dq, gq), (dk, gk), (dv, gv)):
         assert got.shape == want.shape and got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=_F32_TOL, rtol=_F32_TOL)
