@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._triton import LAUNCH, interpreting, register_op
 
-__all__ = ["rope_attention_fused", "rope_attention_fwd", "rope_attn_fwd", "kernel_args", "config_set", "tuned_kernel", "CONFIG_SETS"]
+__all__ = ["rope_attention_fused", "rope_attention_fused_lse", "rope_attention_fwd", "rope_attention_fwd_lse", "rope_attn_fwd", "kernel_args", "config_set", "tuned_kernel", "CONFIG_SETS"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,12 +197,13 @@ def _attn_span(
 
 @triton.jit
 def rope_attn_fwd(
-    Q, K, V, O, C, FREQ, CU, MASK, KV_RANGE,
+    Q, K, V, O, LSE, C, FREQ, CU, MASK, KV_RANGE,
     seqlen_q, seqlen_k, heads_per_kv, qk_scale,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lt, stride_lh,
     stride_cb, stride_ct, stride_cd,
     stride_mb, stride_mt,
     bucket_q, bucket_k,  # autotuning keys only
@@ -210,6 +211,7 @@ def rope_attn_fwd(
     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, IS_PACKED: tl.constexpr,
     HAS_MASK: tl.constexpr, ZERO_PAD_Q: tl.constexpr, FAST_TRIG: tl.constexpr, IEEE_DOT: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
@@ -230,6 +232,7 @@ def rope_attn_fwd(
         Kh = K + t64 * stride_kt + kv_head * stride_kh
         Vh = V + t64 * stride_vt + kv_head * stride_vh
         Oh = O + t64 * stride_ot + head * stride_oh
+        Lh = LSE + t64 * stride_lt + head * stride_lh
         Ch = C + t64 * stride_ct
     else:
         len_q = seqlen_q
@@ -238,6 +241,7 @@ def rope_attn_fwd(
         Kh = K + b64 * stride_kb + kv_head * stride_kh
         Vh = V + b64 * stride_vb + kv_head * stride_vh
         Oh = O + b64 * stride_ob + head * stride_oh
+        Lh = LSE + b64 * stride_lb + head * stride_lh
         Ch = C + b64 * stride_cb
     Mrow = MASK + b64 * stride_mb
 
@@ -323,6 +327,10 @@ def rope_attn_fwd(
         out.to(O.dtype.element_ty),
         mask=m_ok[:, None] & d_ok[None, :],
     )
+    if STORE_LSE:
+        # For the backward: natural-log log-sum-exp of the scaled scores (m_i, l_i are base 2). Rows
+        # with no real key store -inf; the backward never reads them (nor skipped padded rows).
+        tl.store(Lh + offs_m * stride_lt, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
 
 # Autotuning (CUDA only): one small config set per class of problem, picked on the host (no
@@ -389,8 +397,11 @@ def _next_pow2(n: int) -> int:
 
 
 def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out,
-                 skip_padded_queries=False):
+                 skip_padded_queries=False, lse=None):
     """The kernel's arguments for these (checked) inputs: (args, flags, nbatch, seqlen_q, seqlen_k, hq).
+
+    ``lse``: where to store the float32 log-sum-exp per (row, head) for the backward (shape
+    ``q.shape[:-1]``, any strides); None (inference) compiles the store out.
 
     Shared by the launcher and by the ahead-of-time build check (tests/_build_for_gpu.py), so the latter
     compiles exactly what a launch would.
@@ -402,9 +413,11 @@ def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key
         nbatch = cu_seqlens.numel() - 1
         seqlen_q = seqlen_k = int(max_seqlen)
         sq, sk, sv, so = ((0, *t.stride()[:2]) for t in (q, k, v, out))
+        sl = (0, *lse.stride()) if lse is not None else (0, 0, 0)
     else:
         nbatch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         sq, sk, sv, so = (t.stride()[:3] for t in (q, k, v, out))
+        sl = tuple(lse.stride()) if lse is not None else (0, 0, 0)
 
     has_rope = coords is not None
     has_mask = key_padding_mask is not None
@@ -428,9 +441,9 @@ def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key
     qk_scale = float(scale) * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
     bucket_q, bucket_k = _next_pow2(max(seqlen_q, 16)), _next_pow2(max(seqlen_k, 16))
     args = (
-        q, k, v, out, c, f, cu, m, ranges,
+        q, k, v, out, out if lse is None else lse, c, f, cu, m, ranges,
         seqlen_q, seqlen_k, hq // hkv, qk_scale,
-        *sq, *sk, *sv, *so, *sc, *sm,
+        *sq, *sk, *sv, *so, *sl, *sc, *sm,
         bucket_q, bucket_k,
     )
     flags = dict(
@@ -438,7 +451,7 @@ def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key
         HAS_ROPE=has_rope, INTERLEAVED=rope_layout == "interleaved", IS_PACKED=packed,
         HAS_MASK=has_mask, ZERO_PAD_Q=has_mask and seqlen_q == seqlen_k and bool(skip_padded_queries),
         FAST_TRIG=q.device.type == "cuda" and torch.version.hip is None,
-        IEEE_DOT=q.dtype == torch.float32,
+        IEEE_DOT=q.dtype == torch.float32, STORE_LSE=lse is not None,
     )
     return args, flags, nbatch, seqlen_q, seqlen_k, hq
 
@@ -462,12 +475,43 @@ def rope_attention_fwd(
     Packed mode: ``max_seqlen`` None costs a host sync (pass it under ``torch.compile``); when given it
     must be at least the longest segment. Padded mode adds a few small device ops (each row's range of
     real keys) and no host sync.
-
-    A backward pass would add a float32 log-sum-exp output here: allocated beside ``out`` as
-    (heads, tokens) packed or (batch, heads, seq) padded, its pointer and strides passed after ``O``,
-    stored by ``rope_attn_fwd`` as ``m_i + log2(l_i)`` (base 2, like the kernel's softmax) where it
-    stores ``out``, and returned with ``out`` by this launcher.
     """
+    return _launch_fwd(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale,
+                       skip_padded_queries, False)[0]
+
+
+def rope_attention_fwd_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coords: Optional[torch.Tensor] = None,
+    freqs: Optional[torch.Tensor] = None,
+    rope_layout: str = "interleaved",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    skip_padded_queries: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_attention_fwd` that also returns the log-sum-exp the backward needs: ``(out, lse)``.
+
+    ``lse``: float32, shape ``q.shape[:-1]``, a view of a head-major buffer ((heads, tokens) packed,
+    (batch, heads, seq) batched: the kernel's stores are then contiguous). Natural log of the sum of
+    exp(scaled scores) over the row's real keys; rows the kernel does not compute hold -inf or garbage.
+    """
+    return _launch_fwd(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale,
+                       skip_padded_queries, True)
+
+
+def _lse_buffer(q: torch.Tensor) -> torch.Tensor:
+    """A float32 ``q.shape[:-1]`` view of a head-major buffer."""
+    if q.dim() == 3:
+        return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device).t()
+    return torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device).permute(0, 2, 1)
+
+
+def _launch_fwd(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale,
+                skip_padded_queries, with_lse):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     packed = cu_seqlens is not None
     if packed and max_seqlen is None:
@@ -475,12 +519,16 @@ def rope_attention_fwd(
     out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
     if LAUNCH.poison:
         out.fill_(float("nan"))  # (pevideo_kernels.testing.poison_outputs) rows the kernel skips show up
+    lse = _lse_buffer(q) if with_lse else None
+    if lse is not None and LAUNCH.poison:
+        lse.fill_(float("nan"))  # rows the kernel does not compute are never read by the backward either
     if out.numel() == 0 or (int(max_seqlen) if packed else q.shape[1]) == 0:
-        return out
+        return out, lse
     if not packed and k.shape[1] == 0:
-        return out.zero_()
+        return out.zero_(), lse
     args, flags, nbatch, seqlen_q, _, hq = kernel_args(
-        q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out, skip_padded_queries
+        q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out, skip_padded_queries,
+        lse,
     )
 
     def grid(meta):
@@ -494,7 +542,7 @@ def rope_attention_fwd(
         kernel = tuned_kernel(config_set(args[-2], flags["BLOCK_D"], q.dtype == torch.float32))
         with torch.cuda.device(q.device):
             torch.library.wrap_triton(kernel)[grid](*args, **flags)  # lets torch.compile trace the launch
-    return out
+    return out, lse
 
 
 def _fake(q, k, v, coords=None, freqs=None, rope_layout="interleaved", cu_seqlens=None, max_seqlen=None,
@@ -502,5 +550,12 @@ def _fake(q, k, v, coords=None, freqs=None, rope_layout="interleaved", cu_seqlen
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+def _fake_lse(q, k, v, coords=None, freqs=None, rope_layout="interleaved", cu_seqlens=None, max_seqlen=None,
+              key_padding_mask=None, scale=None, skip_padded_queries=False):
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), _lse_buffer(q)
+
+
 # What callers run: torch.ops.pevideo.rope_attention (opaque under TRITON_INTERPRET, see register_op).
 rope_attention_fused = register_op("pevideo::rope_attention", rope_attention_fwd, _fake)
+# The training forward (out, lse); the autograd wiring is in .rope_attention_autograd.
+rope_attention_fused_lse = register_op("pevideo::rope_attention_lse", rope_attention_fwd_lse, _fake_lse)

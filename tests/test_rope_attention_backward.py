@@ -325,6 +325,42 @@ def test_reference_gradcheck(seed):
                                     eps=1e-3, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["packed", "padded_skip", "cross"])
+def test_forward_stores_lse(seed, mode):
+    """The training forward's log-sum-exp (what the backward reads) equals the helper's on every row the
+    forward computes; the inference forward's output is the same."""
+    from pevideo_kernels._rope_attention_triton import rope_attention_fused_lse, rope_attention_fwd
+
+    if mode == "packed":
+        lens = [0, 5, 21, 0, 9]
+        n = sum(lens)
+        q, k, v = _rand(n, 4, 16, dtype=torch.float32), _rand(n, 2, 16, dtype=torch.float32), _rand(n, 2, 16, dtype=torch.float32)
+        kw = dict(coords=_coords((n,), "int32"), freqs=_freqs(16), cu_seqlens=_cu(lens))
+        live = torch.ones(n, 4, dtype=torch.bool, device=DEV)
+    elif mode == "padded_skip":
+        b, seq = 5, 37
+        q, k, v = (_rand(b, seq, 2, 12, dtype=torch.float32) for _ in range(3))
+        mask = _masks(b, seq)
+        kw = dict(coords=_coords((b, seq), "float"), freqs=_freqs(12), rope_layout="half", key_padding_mask=mask,
+                  skip_padded_queries=True)
+        live = (mask & mask.any(1, keepdim=True))[..., None].expand(b, seq, 2)
+    else:
+        q = _rand(5, 3, 2, 16, dtype=torch.float32)
+        k, v = _rand(5, 29, 1, 16, dtype=torch.float32), _rand(5, 29, 1, 16, dtype=torch.float32)
+        mask = _masks(5, 37)[:, :29]
+        kw = dict(key_padding_mask=mask, scale=0.3)
+        live = mask.any(1)[:, None, None].expand(5, 3, 2)
+    args = [kw.get(n) for n in ("coords", "freqs")] + [kw.get("rope_layout", "interleaved")] + [
+        kw.get(n) for n in ("cu_seqlens", "max_seqlen", "key_padding_mask", "scale")] + [kw.get("skip_padded_queries", False)]
+    with poison_outputs(), interpreter_blocks(16, 16):
+        out, lse = rope_attention_fused_lse(q, k, v, *args)
+        out_inf = rope_attention_fwd(q, k, v, *args)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
+    torch.testing.assert_close(lse[live], _lse(q, k, kw)[live], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out, out_inf)
+    torch.testing.assert_close(out, rope_attention_ref(q, k, v, **kw), atol=1e-5, rtol=1e-5)
+
+
 def test_lse_ref_matches_softmax(seed):
     """exp(scores - lse) of the helper sums to 1 over the real keys and reproduces the reference output."""
     b, seq, heads, d = 2, 9, 2, 8
