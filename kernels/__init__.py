@@ -25,6 +25,7 @@ from .rope_attention import (
     rope_attention_ref,
     rope_attention_unsupported_reason,
 )
+from .rope_attention_bwd import rope_attention_bwd, rope_attention_lse_ref
 
 __all__ = [
     "HAS_TRITON",
@@ -39,6 +40,8 @@ __all__ = [
     "rope_attention_check_args",
     "rope_attention_unsupported_reason",
     "apply_rope_ref",
+    "rope_attention_bwd",
+    "rope_attention_lse_ref",
     "PATCHIFY",
     "patchify_normalize",
     "patchify_normalize_ref",

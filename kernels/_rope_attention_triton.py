@@ -330,7 +330,9 @@ def rope_attn_fwd(
     if STORE_LSE:
         # For the backward: natural-log log-sum-exp of the scaled scores (m_i, l_i are base 2). Rows
         # with no real key store -inf; the backward never reads them (nor skipped padded rows).
-        tl.store(Lh + offs_m * stride_lt, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+        has_key = l_i > 0.0
+        lse = (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453
+        tl.store(Lh + offs_m * stride_lt, tl.where(has_key, lse, float("-inf")), mask=m_ok)
 
 
 # Autotuning (CUDA only): one small config set per class of problem, picked on the host (no

@@ -23,13 +23,29 @@ from ._choose import KernelOp, run
 from ._triton import runtime_reason
 
 try:  # the one guarded import of the Triton side: without Triton every call runs the reference
-    from ._rope_attention_triton import rope_attention_fused
+    from ._rope_attention_triton import rope_attention_fused as _fused_inference
     KERNEL_MISSING: str | None = None
 except Exception as exc:  # noqa: BLE001  ImportError, or a Triton this kernel can't be defined with
     KERNEL_MISSING = f"{type(exc).__name__}: {exc}"
 
-    def rope_attention_fused(*args, **kwargs):
+    def _fused_inference(*args, **kwargs):
         raise RuntimeError(f"the rope_attention Triton kernel is not available ({KERNEL_MISSING})")
+
+# The autograd side (forward storing the log-sum-exp, fused backward) is imported at the end of this
+# module: it uses this module's reference and checks. None of it until then.
+BWD_KERNEL_MISSING: str | None = "not imported"
+_train = None
+
+
+def rope_attention_fused(q, k, v, **kwargs) -> torch.Tensor:
+    """The Triton kernel path (arguments already checked). Without autograd: the forward-only op
+    (``torch.ops.pevideo.rope_attention``). With inputs requiring grad: the autograd op, whose forward
+    also stores each row's log-sum-exp and whose backward is the fused Triton backward."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if _train is None:
+            raise RuntimeError(f"the rope_attention backward kernel is not available ({BWD_KERNEL_MISSING})")
+        return _train(q, k, v, **kwargs)
+    return _fused_inference(q, k, v, **kwargs)
 
 
 __all__ = [
@@ -253,9 +269,17 @@ def rope_attention_unsupported_reason(
     """None if the Triton kernel can serve these (already checked) arguments, else a readable reason.
 
     Takes :func:`rope_attention`'s arguments; only the tensors' devices, autograd and whether the
-    kernel was built matter.
+    kernels were built matter. Inputs requiring grad are served (the fused backward) unless ``coords``
+    or ``freqs`` require grad: the kernel path gives them none, so those run the reference.
     """
-    return runtime_reason(KERNEL_MISSING, (q, k, v, coords, freqs, key_padding_mask, cu_seqlens), (q, k, v))
+    reason = runtime_reason(KERNEL_MISSING, (q, k, v, coords, freqs, key_padding_mask, cu_seqlens), ())
+    if reason is not None or not torch.is_grad_enabled():
+        return reason
+    if any(t is not None and t.requires_grad for t in (coords, freqs)):
+        return "coords or freqs require grad and the fused backward gives them none (autograd runs through the reference)"
+    if any(t.requires_grad for t in (q, k, v)) and _train is None:
+        return f"inputs require grad and the backward kernel could not be built ({BWD_KERNEL_MISSING})"
+    return None
 
 
 ROPE_ATTENTION = KernelOp(
@@ -309,9 +333,22 @@ def rope_attention(
     Returns ``out`` with q's leading shape, contiguous, q's dtype. ``scale`` defaults to head_dim**-0.5.
     Runs the Triton kernel on CUDA tensors (and on CPU under TRITON_INTERPRET=1), the reference
     otherwise; bad arguments raise ValueError before anything runs.
+
+    Autograd: differentiable in q, k, v. On the kernel path the forward also stores each row's
+    log-sum-exp and the backward is a fused Triton kernel pair (FlashAttention-2 style, RoPE recomputed
+    and undone inside; no rotated q/k or N x N tensor is saved). Gradients for q, k, v views of one
+    fused qkv tensor arrive as one qkv-shaped buffer. ``coords`` and ``freqs`` get no gradient from the
+    kernel path: when either requires grad, the reference runs instead (and gives them theirs).
     """
     return run(
         ROPE_ATTENTION, q, k, v, coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, scale=scale,
         skip_padded_queries=skip_padded_queries,
     )
+
+
+try:  # (after everything above: the autograd side imports this module's reference and checks)
+    from ._rope_attention_autograd import rope_attention_train as _train
+    BWD_KERNEL_MISSING = None
+except Exception as exc:  # noqa: BLE001  no Triton, or backward kernels this Triton can't define
+    BWD_KERNEL_MISSING = f"{type(exc).__name__}: {exc}"

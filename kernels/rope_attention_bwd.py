@@ -231,9 +231,9 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout,
         rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags)
         rope_attn_bwd_dkdv[grid_k](*dkdv_args, **dkdv_flags)  # reads the dQ kernel's delta
     else:
-        with torch.cuda.device(q.device):
-            rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags, **dq_opts)
-            rope_attn_bwd_dkdv[grid_k](*dkdv_args, **dkdv_flags, **dkdv_opts)
+        with torch.cuda.device(q.device):  # wrap_triton: torch.compile traces the launches (registered op)
+            torch.library.wrap_triton(rope_attn_bwd_dq)[grid_q](*dq_args, **dq_flags, **dq_opts)
+            torch.library.wrap_triton(rope_attn_bwd_dkdv)[grid_k](*dkdv_args, **dkdv_flags, **dkdv_opts)
 
 
 def _cdiv(a: int, b: int) -> int:

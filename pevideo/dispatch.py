@@ -3,8 +3,11 @@
 Modules call :class:`Ops` methods by op name; each call picks the fused Triton kernel or its PyTorch
 reference and records why. With ``fast=False`` everything runs the reference (the eager path). With
 ``fast=True`` an op falls back to its reference where the kernel can't serve (no Triton, CPU tensors
-outside the interpreter, a dtype or head_dim it doesn't take, inputs requiring grad, or a kernel that
-fails to build or run) and warns once per op and reason. ``pevideo.kernel_report(model)`` reads the
+outside the interpreter, a dtype or head_dim it doesn't take, inputs requiring grad through an op with
+no fused backward, or a kernel that fails to build or run) and warns once per op and reason. Attention
+has a fused backward: with inputs requiring grad (training) it runs the kernel with autograd; only
+patchify (forward-only; its uint8 input never needs grad) and attention whose coords/freqs require grad
+fall back then. ``pevideo.kernel_report(model)`` reads the
 record of the last forward.
 """
 from __future__ import annotations
@@ -94,7 +97,8 @@ class Ops:
             else:
                 key = (op, out.dtype, out.device.type)
                 if self.verify and key not in self._checked:
-                    self._checked[key] = _disagreement(out, kop.ref(*args, **kwargs))
+                    with torch.no_grad():  # (a check, not part of the graph)
+                        self._checked[key] = _disagreement(out.detach(), kop.ref(*args, **kwargs))
                 reason = self._checked.get(key)
                 if reason is None:
                     self.report[op] = FUSED

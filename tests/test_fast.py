@@ -4,6 +4,7 @@ On CPU the kernels run through Triton's interpreter (conftest sets TRITON_INTERP
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
@@ -133,16 +134,58 @@ def test_wrong_kernel_output_is_caught(monkeypatch):
 
 
 @needs_kernels
-def test_grad_falls_back_to_reference(large80):
-    """Forward-only kernels: with autograd on, ops run their references and gradients flow."""
-    eager, fast = _pair("large80", seed=4)
+def test_training_step_uses_fused_backward():
+    """With autograd on, attention runs the fused kernel and its fused backward: one training step of a
+    tiny model gives the eager path's gradients for every parameter. The tiny pooling heads (4 wide,
+    below the kernel's range) are a genuinely unsupported case: that op alone falls back, with its reason."""
+    eager, fast = _pair("tiny", seed=4)
+    pixels, mask = video_inputs(eager.config, [3, 1, 2])
+    pixels, mask = pixels.to(DEVICE), mask.to(DEVICE)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        out = model.get_video_features(pixels, mask).pooler_output
+        target = torch.randn(out.shape, generator=gen.manual_seed(0)).to(out.device)
+        loss = ((out - target) ** 2).mean() + out[:, :5].sum()  # (a non-uniform incoming gradient)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="pool_attention.*head_dim") as rec:
+        loss_f, grads_f = step(fast)
+    assert not any("require grad" in str(w.message) for w in rec)
+    report = pevideo.kernel_report(fast)
+    assert report["pool_attention"].startswith("unsupported by the kernel")
+    assert {k for k, v in report.items() if v == "fused"} == OPS - {"pool_attention"}
+    loss_e, grads_e = step(eager)
+    assert rel_err(loss_f, loss_e) <= 1e-5
+    assert grads_f.keys() == grads_e.keys() and len(grads_e) > 10
+    # the attention blocks' q/k/v projections get their gradient through the fused backward
+    assert any(".attn.qkv.weight" in n for n in grads_e)
+    for name, g in grads_e.items():
+        assert torch.isfinite(grads_f[name]).all(), name
+        assert rel_err(grads_f[name], g) <= 1e-4, name
+
+
+@needs_kernels
+def test_grad_falls_back_where_no_fused_backward(large80, monkeypatch):
+    """Where the fused backward can't serve (here: it is reported missing), attention falls back to its
+    reference with a readable reason, and gradients still flow."""
+    ra = importlib.import_module("pevideo_kernels.rope_attention")  # (the module; the package exports the function)
+
+    eager, fast = _pair("large80", seed=5)
+    monkeypatch.setattr(ra, "_train", None)
+    monkeypatch.setattr(ra, "BWD_KERNEL_MISSING", "simulated: no backward")
     pixels, mask = video_inputs(eager.config, [2, 1])
-    with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="require grad"):
+    with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="require grad.*simulated: no backward"):
         out = fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
     out.pooler_output.sum().backward()
-    assert "require grad" in pevideo.kernel_report(fast)["frame_attention"]
+    assert "simulated: no backward" in pevideo.kernel_report(fast)["frame_attention"]
     grad = fast.video_encoder.vit.blocks[0].attn.qkv.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with torch.no_grad():  # without autograd the kernel serves again
+        fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
+    assert pevideo.kernel_report(fast)["frame_attention"] == "fused"
 
 
 @pytest.mark.gpu

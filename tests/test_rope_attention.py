@@ -18,6 +18,7 @@ from pevideo_kernels import (
     rope_attention_ref,
     rope_attention_unsupported_reason,
 )
+from pevideo_kernels import ROPE_ATTENTION, interpreting
 from pevideo_kernels.testing import interpreter_blocks, poison_outputs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -312,11 +313,28 @@ def test_poison_hook_shows_unwritten_outputs(seed, monkeypatch):
     assert rope_attention(q, q, q).isnan().all()
 
 
-def test_requires_grad_routes_to_reference(seed):
+@pytest.mark.skipif(not (ON_GPU or interpreting()), reason="the kernels can't run here")
+def test_requires_grad_runs_fused_backward(seed):
+    """Inputs requiring grad run the kernel with its fused backward; only coords or freqs requiring grad
+    (the kernel path gives them no gradient) route to the reference, with a reason."""
     q = torch.randn(1, 5, 2, 16, device=DEV, requires_grad=True)
-    assert "grad" in rope_attention_unsupported_reason(q, q, q)
-    rope_attention(q, q.detach(), q.detach()).sum().backward()
-    assert q.grad is not None
+    assert rope_attention_unsupported_reason(q, q, q) is None
+    out = rope_attention(q, q.detach(), q.detach())
+    assert "RopeAttention" in type(out.grad_fn).__name__
+    out.sum().backward()  # (an expanded, stride-0 incoming gradient)
+    g = q.grad.clone()
+    q.grad = None
+    rope_attention_ref(q, q.detach(), q.detach()).sum().backward()
+    torch.testing.assert_close(g, q.grad, atol=_F32_TOL, rtol=_F32_TOL)
+
+    coords = torch.randint(0, 5, (1, 5, 3), device=DEV).float()
+    freqs = _freqs(16).requires_grad_()
+    reason = rope_attention_unsupported_reason(q, q, q, coords=coords, freqs=freqs)
+    assert reason is not None and "freqs require grad" in reason
+    rope_attention(q, q, q, coords=coords, freqs=freqs).sum().backward()
+    assert freqs.grad is not None and freqs.grad.abs().sum() > 0  # the reference gives freqs their gradient
+    with torch.no_grad():
+        assert rope_attention_unsupported_reason(q, q, q, coords=coords, freqs=freqs) is None
 
 
 @poison_outputs(ON_GPU)  # (off on CPU: keep the traced graph minimal)
@@ -337,6 +355,32 @@ def test_torch_compile(seed):
     out = compiled(q, k, v)
     ref = rope_attention_ref(q * 2, k, v, coords=coords, freqs=freqs, cu_seqlens=cu, scale=0.25)
     torch.testing.assert_close(out, ref, atol=_F32_TOL, rtol=_F32_TOL)
+
+
+@poison_outputs(ON_GPU)
+def test_torch_compile_backward(seed):
+    """Forward and fused backward under torch.compile (fullgraph): the autograd Function around the two
+    registered ops traces, and its gradients are the reference's."""
+    d, heads = 16, 2
+    lens = [5, 20]
+    n = sum(lens)
+    qkv = torch.randn(n, 3 * heads * d, device=DEV)
+    coords, freqs = _coords((n,), "int32"), _freqs(d)
+    cu = _cu(lens)
+
+    def f(x):
+        q, k, v = x.view(n, 3, heads, d).unbind(1)
+        # the kernel path itself (the public function's host-side checks of cu_seqlens don't trace)
+        return ROPE_ATTENTION.fused(q, k, v, coords=coords, freqs=freqs, cu_seqlens=cu, max_seqlen=20)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager" if not ON_GPU else "inductor", fullgraph=True)
+    x1, x2 = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    g = torch.randn(n, heads, d, device=DEV)
+    compiled(x1).backward(g)
+    q, k, v = x2.view(n, 3, heads, d).unbind(1)
+    rope_attention_ref(q, k, v, coords=coords, freqs=freqs, cu_seqlens=cu).backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=_F32_TOL, rtol=_F32_TOL)
 
 
 # --------------------------------------------------------------------------------------------------

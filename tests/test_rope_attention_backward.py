@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pevideo.rope import pe_core_rope_2d
-from pevideo_kernels import rope_attention_ref
+from pevideo_kernels import rope_attention, rope_attention_ref
 from pevideo_kernels.rope_attention_bwd import rope_attention_bwd, rope_attention_lse_ref
 from pevideo_kernels.testing import interpreter_blocks, poison_outputs
 
@@ -76,26 +76,31 @@ def _lse(q, k, kw):
 
 
 def _run(q, k, v, *, tol, dead_q=None, dead_k=None, **kw):
-    """Kernel gradients against the reference's. ``dead_q`` (q.shape[:-1] bool): rows whose gradient must
-    be zero and whose inputs are never needed; ``dead_k`` (k.shape[:-1] bool): padding keys. Both are
-    poisoned with NaN in the kernel's inputs."""
+    """Gradients through autograd of :func:`rope_attention` (the forward kernel storing the log-sum-exp,
+    then the fused backward) against the reference's. ``dead_q`` (q.shape[:-1] bool): rows whose gradient
+    must be zero and whose inputs are never needed; ``dead_k`` (k.shape[:-1] bool): padding keys. Both
+    are NaN in the kernel's inputs (and ``dead_q`` rows in the incoming gradient); every output and
+    gradient buffer starts as NaN (poison_outputs)."""
     _, atol, rtol = tol
     dout = torch.randn(*q.shape[:-1], v.shape[-1], device=DEV).to(q.dtype)
     out, gq, gk, gv = _ref_grads(q, k, v, dout, **kw)
-    lse = _lse(q, k, kw)
-    if "cu_seqlens" in kw:  # any strides: here a head-major buffer, as a forward may store it
-        lse = lse.t().contiguous().t()
     qk, kk, vk, dk_out = q.clone(), k.clone(), v.clone(), dout.clone()
     if dead_q is not None:
         qk[dead_q] = float("nan")
         dk_out[dead_q] = float("nan")
-        lse[dead_q] = float("nan")
     if dead_k is not None:
         kk[dead_k] = float("nan")
         vk[dead_k] = float("nan")
-    dq, dk, dv = _nan_like(q), _nan_like(k), _nan_like(v)
-    res = rope_attention_bwd(dk_out, qk, kk, vk, out, lse, dq=dq, dk=dk, dv=dv, **kw, **BLOCKS)
-    assert res[0] is dq and res[1] is dk and res[2] is dv
+    qk, kk, vk = (t.requires_grad_() for t in (qk, kk, vk))
+    with poison_outputs(), interpreter_blocks(16, 16):
+        got_out = rope_attention(qk, kk, vk, **kw)
+        assert got_out.grad_fn is not None and "RopeAttention" in type(got_out.grad_fn).__name__
+        got_out.backward(dk_out)
+    live = None if dead_q is None else ~dead_q
+    o = got_out.detach()
+    torch.testing.assert_close(o if live is None else o[live], out if live is None else out[live],
+                               atol=atol, rtol=rtol, msg=lambda m: f"out: {m}")
+    dq, dk, dv = qk.grad, kk.grad, vk.grad
     for name, got, want in (("dq", dq, gq), ("dk", dk, gk), ("dv", dv, gv)):
         assert torch.isfinite(got).all(), f"NaN/inf in {name}: a row was not written, or padding was read"
         torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
@@ -270,6 +275,48 @@ def test_fused_qkv_packed_gqa(seed):
     rope_attention_bwd(dout, q, k, v, out.detach(), _lse(q, k, kw), dq=dq, dk=dk, dv=dv, **kw, **BLOCKS)
     assert torch.isfinite(dqkv).all()
     torch.testing.assert_close(dqkv, ref.grad, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("mode", ["packed_select", "padded_unbind"])
+def test_fused_qkv_autograd_one_buffer(seed, tol, mode):
+    """q, k, v as views of one qkv tensor (the model's projection output): autograd through the op gets
+    its gradient as one qkv-shaped buffer (the op's input is the fused tensor itself, not three views
+    whose gradients autograd would zero-fill and sum), equal to the reference's."""
+    dtype, atol, rtol = tol
+    heads, d = 2, 16
+    if mode == "packed_select":
+        lens = [9, 0, 20]
+        n = sum(lens)
+        x = _rand(n, 3 * heads * d, dtype=dtype)
+        kw = dict(coords=_coords((n,), "int32"), freqs=_freqs(d), cu_seqlens=_cu(lens))
+
+        def split(t):
+            qkv = t.view(n, 3, heads, d)
+            return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    else:
+        b, seq = 3, 21
+        x = _rand(b, seq, 3, heads, d, dtype=dtype)
+        mask = torch.ones(b, seq, dtype=torch.bool, device=DEV)
+        mask[1, 15:] = False
+        kw = dict(coords=_coords((b, seq), "float"), freqs=_freqs(d), rope_layout="half", key_padding_mask=mask)
+
+        def split(t):
+            return t.unbind(2)
+    ref = x.detach().float().requires_grad_()
+    dout = _rand(*split(x)[0].shape, dtype=dtype)
+    rope_attention_ref(*split(ref), **kw).backward(dout.float())
+    leaf = x.detach().clone().requires_grad_()
+    base = leaf * 1.0  # a non-leaf projection output, as in the model
+    with poison_outputs(), interpreter_blocks(16, 16):
+        out = rope_attention(*split(base), **kw)
+        # the op's one differentiable input is the fused tensor (a view of ``base``), not q, k, v
+        (view_fn, _), *rest = out.grad_fn.next_functions
+        assert type(view_fn).__name__.startswith("ViewBackward") and all(f is None for f, _ in rest)
+        assert view_fn.next_functions[0][0] is base.grad_fn
+        out.backward(dout)
+    assert torch.isfinite(leaf.grad).all()
+    torch.testing.assert_close(leaf.grad.float(), ref.grad, atol=atol, rtol=rtol)
 
 
 def test_allocates_when_no_buffers(seed):
