@@ -25,6 +25,8 @@ from pevideo.rope import pe_core_rope_2d, rope_1d  # noqa: E402
 from pevideo_kernels import _patchify_triton as pz  # noqa: E402  (the kernels themselves, to compile)
 from pevideo_kernels import _rope_attention_triton as ra  # noqa: E402
 
+from _build_bwd_for_gpu import BWD_KERNELS, backward_jobs  # noqa: E402  (tests/: the training kernels' jobs)
+
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
         torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
 
@@ -47,6 +49,8 @@ def _signature(kernel, args, constexprs):
 
 
 def _kernel(name):
+    if name in BWD_KERNELS:
+        return BWD_KERNELS[name]
     return ra.rope_attn_fwd if name == "rope_attention" else pz.patchify_kernel.fn
 
 
@@ -113,6 +117,7 @@ def jobs(arch: int) -> list:
             pargs = (frames, idx, rows, s_n, s_c, s_h, s_w, 24 * 3 * 14 * 14, 24, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5)
             out.append(("patchify", pargs, {"P": 14, "HAS_INDEX": True, "NORMALIZE": normalize, "BLOCK": block},
                         {"num_warps": warps}, arch, f"patchify [BLOCK {block} w{warps} normalize={normalize}] sm_{arch}"))
+    out.extend(backward_jobs(arch))
     return out
 
 

@@ -167,6 +167,60 @@ def test_training_step_uses_fused_backward():
         assert rel_err(grads_f[name], g) <= 1e-4, name
 
 
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+@needs_kernels
+def test_training_attention_saves_no_rotated_copies_or_scores(monkeypatch):
+    """Activation memory of attention in one training step, counted exactly: every tensor autograd saves
+    inside each attention op (torch.autograd.graph.saved_tensors_hooks). The fused path saves at most
+    q, k, v, out, the float32 log-sum-exp and the small coords/mask tensors -- no rotated q/k copy, no
+    N x N scores; the eager path saves more (the bound can fail)."""
+    eager, fast = _pair("tiny", seed=6)
+    pixels, mask = video_inputs(eager.config, [3, 1, 2])
+    saved: dict[str, list[tuple[int, int]]] = {}
+    real = pevideo.dispatch.Ops.attention
+
+    def counting(self, op, q, k, v, **kw):
+        got = []
+
+        def pack(t):
+            got.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = real(self, op, q, k, v, **kw)
+        lse_bytes = 4 * q[..., 0].numel()
+        small = _storage_bytes([kw.get(n) for n in ("coords", "freqs", "cu_seqlens", "key_padding_mask")])
+        bound = _storage_bytes([q, k, v]) + out.numel() * out.element_size() + lse_bytes + small
+        saved.setdefault(op, []).append((_storage_bytes(got), bound))
+        return out
+
+    monkeypatch.setattr(pevideo.dispatch.Ops, "attention", counting)
+    for model in (fast, eager):
+        saved.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pevideo.PeVideoKernelFallbackWarning)  # (tiny pooling heads)
+            model.get_video_features(pixels.to(DEVICE), mask.to(DEVICE)).pooler_output.sum().backward()
+        fused_ops = {op for op, r in pevideo.kernel_report(model).items() if r == "fused"}
+        if model is fast:
+            assert {"frame_attention", "temporal_attention"} <= fused_ops
+            for op in fused_ops & set(saved):
+                for got, bound in saved[op]:
+                    assert 0 < got <= bound, (op, got, bound)
+        else:
+            assert not fused_ops
+            frame = saved["frame_attention"]
+            assert all(got > bound for got, bound in frame), frame
+
+
 @needs_kernels
 def test_grad_falls_back_where_no_fused_backward(large80, monkeypatch):
     """Where the fused backward can't serve (here: it is reported missing), attention falls back to its

@@ -487,3 +487,23 @@ def test_bf16_grad_error_within_2x_of_pytorch(name):
         f_err, t_err = (got.float() - want), (torch_bf16.float() - want)
         assert f_err.pow(2).mean().sqrt() <= 2 * t_err.pow(2).mean().sqrt() + 1e-6
         assert f_err.abs().max() <= 2 * t_err.abs().max() + 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark's --backward path (CPU smoke: gradients and memory saved for the backward)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(ON_GPU, reason="the CPU smoke path (on a GPU the script times instead)")
+def test_bench_backward_smoke(capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_rope_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_rope_attention_smoke", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--backward", "--smoke"]) == 0
+    text = capsys.readouterr().out
+    assert "smoke: ok" in text and "tower training step" in text
+    mem = bench.tower_step_memory("cpu", frames=2)
+    assert mem["fast_report"]["frame_attention"] == "fused"
+    assert mem["attention_fast_mb"] < mem["attention_eager_mb"] and mem["fast_mb"] < mem["eager_mb"]
