@@ -24,6 +24,14 @@ same rounded inputs. Floors measured in the same run: FLOPs / (bf16 GEMM rate) a
     python bench/bench_rope_attention.py                      # print a table
     python bench/bench_rope_attention.py --quick              # fewer shapes and repetitions
     python bench/bench_rope_attention.py --out auto           # also write bench/results/<gpu>-rope_attention.json
+    python bench/bench_rope_attention.py --backward           # forward + backward (training), see below
+
+--backward: forward + backward per provider (pevideo's fused backward; PyTorch RoPE + SDPA autograd;
+RoPE + FlexAttention, compiled), on the same shapes: milliseconds, useful TFLOP/s with the backward
+counted as 2.5x the forward's FLOPs, the best other provider's time over pevideo's (goal >= 1.2x on an
+H100 in bf16), the largest gradient error against float32 autograd through the reference, the bytes
+autograd saves for the backward (saved_tensors_hooks) and the CUDA peak memory of one step; then the
+bytes saved by one training step of a small video tower, fast=True against fast=False.
 
 Without CUDA there is nothing to time: the script says so and exits 0 (``--smoke`` instead checks the
 providers' plumbing and correctness on tiny CPU shapes, under Triton's interpreter for pevideo).

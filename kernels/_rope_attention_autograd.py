@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._rope_attention_triton import rope_attention_fused_lse
 from ._triton import register_op
@@ -134,6 +135,7 @@ class _RopeAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # (no double backward: create_graph=True through it raises, never silently wrong)
     def backward(ctx, dout):
         rope_layout, max_seqlen, scale, skip_padded_queries = ctx.args
         if ctx.fused_dim >= 0:

@@ -335,6 +335,11 @@ def test_requires_grad_runs_fused_backward(seed):
     assert freqs.grad is not None and freqs.grad.abs().sum() > 0  # the reference gives freqs their gradient
     with torch.no_grad():
         assert rope_attention_unsupported_reason(q, q, q, coords=coords, freqs=freqs) is None
+    # no double backward through the fused op: it raises rather than give a wrong second derivative
+    w = torch.randn(1, 5, 2, 16, device=DEV, requires_grad=True)
+    (g,) = torch.autograd.grad((rope_attention(q, q, q) * w).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
 
 
 @poison_outputs(ON_GPU)  # (off on CPU: keep the traced graph minimal)
