@@ -443,7 +443,7 @@ def tuned_kernel(name: str):
                 triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
                 for bm, bn, w, st in CONFIG_SETS[name]
             ],
-            key=["HEAD_DIM", "bucket_q", "bucket_k", "HAS_ROPE", "IS_PACKED", "HAS_MASK"],
+            key=["HEAD_DIM", "bucket_q", "bucket_k", "HAS_ROPE", "IS_PACKED", "HAS_MASK", "ROPE_K"],  # (candidates tune apart)
         )(rope_attn_fwd)
     return _TUNED[name]
 
