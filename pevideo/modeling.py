@@ -270,7 +270,8 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         hit = self._rope_cache.get(key)
         if hit is None:
             coords, freqs = rope_1d(s, self._head_dim, theta=self._rope_theta)
-            hit = (coords.expand(b, s, 3).contiguous().to(device), freqs.to(device))
+            # A stride-0 view over the batch: one row of coords, which the kernel's cos/sin table shares.
+            hit = (coords.to(device).expand(b, s, 3), freqs.to(device))
             if len(self._rope_cache) > 64:
                 self._rope_cache.clear()
             self._rope_cache[key] = hit
