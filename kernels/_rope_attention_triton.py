@@ -9,13 +9,16 @@ traces the launch); ``rope_attn_fwd``, ``kernel_args``, ``config_set`` and ``CON
 Layout of the work: one program per (query block, segment or batch row) on grid axis 0 -- query
 blocks of one segment are neighbours, so they share its K/V tiles in L2 -- and one per query head on
 axis 1. Each program keeps its rotated Q tile in registers and streams K/V tiles of its segment
-through an online softmax (FlashAttention-2). RoPE never materializes: angles come from the token
-coordinates and the frequency table, cos/sin are computed in registers, and the rotated pair halves
-a, b give scores = a_q·a_kᵀ + b_q·b_kᵀ (two dots; no re-interleaving).
+through an online softmax (FlashAttention-2). RoPE stays inside the op: angles come from the token
+coordinates and the frequency table in float32; Q is rotated in each program's prologue, K as
+``ROPE_K_MODES`` says (in the loop, from a per-forward scratch copy, or from a per-forward cos/sin
+table). Rotated q and k tiles hold their pairs interleaved, so QKᵀ is one dot with K = head_dim. A
+ragged last stretch of keys runs in narrow BLOCK_N_TAIL tiles.
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -23,7 +26,9 @@ import triton.language as tl
 
 from ._triton import LAUNCH, interpreting, register_op
 
-__all__ = ["rope_attention_fused", "rope_attention_fused_lse", "rope_attention_fwd", "rope_attention_fwd_lse", "rope_attn_fwd", "kernel_args", "config_set", "tuned_kernel", "CONFIG_SETS"]
+__all__ = ["rope_attention_fused", "rope_attention_fused_lse", "rope_attention_fwd", "rope_attention_fwd_lse", "rope_attn_fwd",
+           "kernel_args", "config_set", "tuned_kernel", "CONFIG_SETS",
+           "rope_rotate", "rope_table", "rope_prepass", "rope_k_mode", "ROPE_K_MODES", "DEFAULT_ROPE_K"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -35,7 +40,11 @@ def _cos_sin(x, FAST_TRIG: tl.constexpr):
         # The SFU's cos/sin.approx are accurate to ~2^-21 absolute on [-pi, pi]: reduce there first
         # (two-constant Cody-Waite, n * 6.28125 is exact for |n| < 2^16). Libdevice's sinf/cosf
         # take ~20 FP32 instructions each: for a K tile that is as much issue time as its matmuls.
-        n = tl.math.floor(x * 0.15915494309189535 + 0.5)
+        # n = x / 2pi rounded to nearest without FRND (which issues on the SFU pipe, beside cos/sin):
+        # adding and subtracting 1.5 * 2^23 leaves a float32's integer part, exact for |x / 2pi| < 2^22.
+        # Accurate (|r| <= pi + tiny) for |x| < 2^16 * pi ~ 2.06e5, where n * 6.28125 is exact; angles
+        # here are coordinates (< a few thousand) times frequencies (<= 1).
+        n = (x * 0.15915494309189535 + 12582912.0) - 12582912.0
         r = x - n * 6.28125
         r = r - n * 1.9353071795864769e-03
         c = tl.inline_asm_elementwise(
@@ -80,19 +89,49 @@ def _dot(a, b, acc, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _rope_tile(x_rows, row_ok, t_rows, f0, f1, f2, stride_cd,
+               HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
+               TABLE: tl.constexpr, FAST_TRIG: tl.constexpr, dt: tl.constexpr):
+    """Rows of x rotated: (rows, 2 * BLOCK_H) in ``dt``, pairs interleaved [a0 b0 a1 b1 ...], whatever
+    the input layout (q and k tiles only have to agree with each other for their dot).
+
+    ``t_rows`` point at each row's coordinates (t, h, w at ``stride_cd``), or with TABLE at its
+    precomputed cos row (sin ``stride_cd`` further; see ``rope_table``): then FMAs only.
+    Rotation in float32, rounded to ``dt``, as the reference does before its matmul.
+    """
+    if TABLE:
+        offs_h = tl.arange(0, BLOCK_H)
+        tp = t_rows[:, None] + offs_h[None, :]
+        c = tl.load(tp, mask=row_ok[:, None], other=0.0)
+        s = tl.load(tp + stride_cd, mask=row_ok[:, None], other=0.0)
+    else:
+        ct = tl.load(t_rows, mask=row_ok, other=0).to(tl.float32)
+        ch = tl.load(t_rows + stride_cd, mask=row_ok, other=0).to(tl.float32)
+        cw = tl.load(t_rows + 2 * stride_cd, mask=row_ok, other=0).to(tl.float32)
+        ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
+        c, s = _cos_sin(ang, FAST_TRIG)
+    xa, xb = _load_pairs(x_rows, row_ok, HEAD_DIM, BLOCK_H, INTERLEAVED)
+    ra = (xa * c - xb * s).to(dt)
+    rb = (xa * s + xb * c).to(dt)
+    # One tile, so that QK^T is one dot with K = 2 * BLOCK_H (not one per pair half).
+    return tl.reshape(tl.join(ra, rb), (ra.shape[0], 2 * BLOCK_H))
+
+
+@triton.jit
 def _attn_tile(
-    acc, l_i, m_i, qa, qb, f0, f1, f2,
+    acc, l_i, m_i, q, f0, f1, f2,
     Kh, Vh, Ch, Mrow,
     start_n, hi, qk_scale,
     stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, MASK_N: tl.constexpr, LOAD_MASK: tl.constexpr,
-    FAST_TRIG: tl.constexpr, IEEE_DOT: tl.constexpr,
+    FAST_TRIG: tl.constexpr, IEEE_DOT: tl.constexpr, ROPE_K: tl.constexpr,
 ):
     """One K/V tile [start_n, start_n + BLOCK_N) folded into the running (acc, l_i, m_i).
 
     MASK_N: the tile may run past ``hi`` (the last one). LOAD_MASK: also read the key-padding mask
     (masks that are not one run of real keys); a tile may then hold no real key at all.
+    ROPE_K (with HAS_ROPE): how K gets rotated, see ``ROPE_K_MODES``.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -104,37 +143,25 @@ def _attn_tile(
         if LOAD_MASK:
             real = tl.load(Mrow + (start_n + offs_n) * stride_mt, mask=n_ok, other=0)
             n_ok = n_ok & (real != 0)
+        n_in = n_ok
+    else:
+        n_in = offs_n < BLOCK_N
     dt = Kh.dtype.element_ty
 
-    if HAS_ROPE:
-        # Key angles, (BLOCK_N, BLOCK_H): keys on rows, as K is stored.
-        cp = Ch + n64 * stride_ct + offs_n * stride_ct
-        if MASK_N:
-            ct = tl.load(cp, mask=n_ok, other=0).to(tl.float32)
-            ch = tl.load(cp + stride_cd, mask=n_ok, other=0).to(tl.float32)
-            cw = tl.load(cp + 2 * stride_cd, mask=n_ok, other=0).to(tl.float32)
-            n_in = n_ok
-        else:
-            ct = tl.load(cp).to(tl.float32)
-            ch = tl.load(cp + stride_cd).to(tl.float32)
-            cw = tl.load(cp + 2 * stride_cd).to(tl.float32)
-            n_in = offs_n < BLOCK_N
-        ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
-        c, s = _cos_sin(ang, FAST_TRIG)
-        ka, kb = _load_pairs(kp + offs_n[:, None] * stride_kt, n_in, HEAD_DIM, BLOCK_H, INTERLEAVED)
-        # Rotate in float32, round to the input dtype, as the reference does before its matmul.
-        kra = (ka * c - kb * s).to(dt)
-        krb = (ka * s + kb * c).to(dt)
-        qk = _dot(qa, tl.trans(kra), None, IEEE_DOT)
-        qk = _dot(qb, tl.trans(krb), qk, IEEE_DOT)
+    if HAS_ROPE and ROPE_K == 1:
+        # K was rotated by ``rope_rotate`` into a scratch buffer laid out as the rotated q tile.
+        offs_r = tl.arange(0, 2 * BLOCK_H)
+        kt = tl.load(kp + offs_n[None, :] * stride_kt + offs_r[:, None], mask=n_in[None, :], other=0.0)
+        qk = _dot(q, kt, None, IEEE_DOT)
+    elif HAS_ROPE:
+        # Keys on rows, as K is stored; angles from coordinates (ROPE_K 0) or the cos/sin table (2).
+        kr = _rope_tile(kp + offs_n[:, None] * stride_kt, n_in, Ch + n64 * stride_ct + offs_n * stride_ct,
+                        f0, f1, f2, stride_cd, HEAD_DIM, BLOCK_H, INTERLEAVED, ROPE_K == 2, FAST_TRIG, dt)
+        qk = _dot(q, tl.trans(kr), None, IEEE_DOT)
     else:
         d_ok = offs_d < HEAD_DIM
-        if MASK_N:
-            kmask = d_ok[:, None] & n_ok[None, :]
-        else:
-            kmask = d_ok[:, None] & (offs_n < BLOCK_N)[None, :]
-        kt = tl.load(kp + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kmask, other=0.0)
-        qk = _dot(qa, kt, None, IEEE_DOT)
+        kt = tl.load(kp + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None] & n_in[None, :], other=0.0)
+        qk = _dot(q, kt, None, IEEE_DOT)
 
     if MASK_N:
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
@@ -149,12 +176,8 @@ def _attn_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
 
     d_ok_v = offs_d < HEAD_DIM
-    if MASK_N:
-        vmask = n_ok[:, None] & d_ok_v[None, :]
-    else:
-        vmask = (offs_n < BLOCK_N)[:, None] & d_ok_v[None, :]
     # Masked-out rows load as zeros: padding tokens may hold anything (even NaN).
-    v = tl.load(vp + offs_n[:, None] * stride_vt + offs_d[None, :], mask=vmask, other=0.0)
+    v = tl.load(vp + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_in[:, None] & d_ok_v[None, :], other=0.0)
     acc = acc * alpha[:, None]
     acc = _dot(p.to(dt), v, acc, IEEE_DOT)
     return acc, l_i, m_new
@@ -162,35 +185,37 @@ def _attn_tile(
 
 @triton.jit
 def _attn_span(
-    acc, l_i, m_i, qa, qb, f0, f1, f2,
+    acc, l_i, m_i, q, f0, f1, f2,
     Kh, Vh, Ch, Mrow,
     lo, hi, qk_scale,
     stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, LOAD_MASK: tl.constexpr,
-    FAST_TRIG: tl.constexpr, IEEE_DOT: tl.constexpr,
+    FAST_TRIG: tl.constexpr, IEEE_DOT: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N_TAIL: tl.constexpr,
 ):
-    """Keys [lo, hi): whole tiles without any masking, then the ragged last one."""
+    """Keys [lo, hi): whole tiles without any masking, then the ragged rest in narrow BLOCK_N_TAIL
+    tiles (577 = 9 * 64 + 1: the odd token costs a 16-wide tile, not a 64-wide one)."""
     if LOAD_MASK:
         for start_n in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _attn_tile(
-                acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, start_n, hi, qk_scale,
+                acc, l_i, m_i, q, f0, f1, f2, Kh, Vh, Ch, Mrow, start_n, hi, qk_scale,
                 stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
-                HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, True, True, FAST_TRIG, IEEE_DOT,
+                HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, True, True, FAST_TRIG, IEEE_DOT, ROPE_K,
             )
     else:
         n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
         for start_n in range(lo, n_full, BLOCK_N):
             acc, l_i, m_i = _attn_tile(
-                acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, start_n, hi, qk_scale,
+                acc, l_i, m_i, q, f0, f1, f2, Kh, Vh, Ch, Mrow, start_n, hi, qk_scale,
                 stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
-                HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, False, False, FAST_TRIG, IEEE_DOT,
+                HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, False, False, FAST_TRIG, IEEE_DOT, ROPE_K,
             )
-        if n_full < hi:
+        for start_n in range(n_full, hi, BLOCK_N_TAIL):
             acc, l_i, m_i = _attn_tile(
-                acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, n_full, hi, qk_scale,
+                acc, l_i, m_i, q, f0, f1, f2, Kh, Vh, Ch, Mrow, start_n, hi, qk_scale,
                 stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
-                HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, True, False, FAST_TRIG, IEEE_DOT,
+                HEAD_DIM, BLOCK_N_TAIL, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, True, False, FAST_TRIG, IEEE_DOT,
+                ROPE_K,
             )
     return acc, l_i, m_i
 
@@ -211,7 +236,7 @@ def rope_attn_fwd(
     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, IS_PACKED: tl.constexpr,
     HAS_MASK: tl.constexpr, ZERO_PAD_Q: tl.constexpr, FAST_TRIG: tl.constexpr, IEEE_DOT: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    ROPE_K: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
@@ -273,18 +298,11 @@ def rope_attn_fwd(
         f0 = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
         f1 = tl.load(FREQ + HALF + offs_h, mask=h_ok, other=0.0)
         f2 = tl.load(FREQ + 2 * HALF + offs_h, mask=h_ok, other=0.0)
-        cp = Ch + offs_m * stride_ct
-        ct = tl.load(cp, mask=m_ok, other=0).to(tl.float32)
-        ch = tl.load(cp + stride_cd, mask=m_ok, other=0).to(tl.float32)
-        cw = tl.load(cp + 2 * stride_cd, mask=m_ok, other=0).to(tl.float32)
-        ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
-        c, s = _cos_sin(ang, FAST_TRIG)
-        xa, xb = _load_pairs(q_rows, q_ok, HEAD_DIM, BLOCK_H, INTERLEAVED)
-        qa = (xa * c - xb * s).to(dt)
-        qb = (xa * s + xb * c).to(dt)
+        # Q is rotated once, here (with ROPE_K 2 from the same cos/sin table as K).
+        q = _rope_tile(q_rows, q_ok, Ch + offs_m * stride_ct, f0, f1, f2, stride_cd,
+                       HEAD_DIM, BLOCK_H, INTERLEAVED, ROPE_K == 2, FAST_TRIG, dt)
     else:
-        qa = tl.load(q_rows + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-        qb = qa
+        q = tl.load(q_rows + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
         f0 = tl.zeros([BLOCK_H], dtype=tl.float32)
         f1 = f0
         f2 = f0
@@ -299,21 +317,24 @@ def rope_attn_fwd(
         contiguous = tl.load(KV_RANGE + bid * 3 + 2)
         if contiguous != 0:
             acc, l_i, m_i = _attn_span(
-                acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, lo, hi, qk_scale,
+                acc, l_i, m_i, q, f0, f1, f2, Kh, Vh, Ch, Mrow, lo, hi, qk_scale,
                 stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
                 HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, False, FAST_TRIG, IEEE_DOT,
+                ROPE_K, BLOCK_N_TAIL,
             )
         else:
             acc, l_i, m_i = _attn_span(
-                acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, lo, hi, qk_scale,
+                acc, l_i, m_i, q, f0, f1, f2, Kh, Vh, Ch, Mrow, lo, hi, qk_scale,
                 stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
                 HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, True, FAST_TRIG, IEEE_DOT,
+                ROPE_K, BLOCK_N_TAIL,
             )
     else:
         acc, l_i, m_i = _attn_span(
-            acc, l_i, m_i, qa, qb, f0, f1, f2, Kh, Vh, Ch, Mrow, 0, len_k, qk_scale,
+            acc, l_i, m_i, q, f0, f1, f2, Kh, Vh, Ch, Mrow, 0, len_k, qk_scale,
             stride_kt, stride_vt, stride_ct, stride_cd, stride_mt,
             HEAD_DIM, BLOCK_N, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, False, FAST_TRIG, IEEE_DOT,
+            ROPE_K, BLOCK_N_TAIL,
         )
 
     # Rows that saw no real key have l_i == 0 and acc == 0: they come out as zeros, not NaN.
@@ -335,21 +356,91 @@ def rope_attn_fwd(
         tl.store(Lh + offs_m * stride_lt, tl.where(has_key, lse, float("-inf")), mask=m_ok)
 
 
+@triton.jit
+def rope_rotate(
+    X, C, FREQ, OUT,
+    seqlen, nheads,
+    stride_xb, stride_xt, stride_xh,
+    stride_cb, stride_ct, stride_cd,
+    stride_ob, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    INTERLEAVED: tl.constexpr, FAST_TRIG: tl.constexpr,
+):
+    """ROPE_K 1's per-forward pass: X (batch, seqlen, heads, HEAD_DIM) rotated into OUT (batch, seqlen,
+    heads, 2 * BLOCK_H), laid out as ``_rope_tile`` returns it. One program per (BLOCK_T tokens, batch
+    row); cos/sin computed once for all heads."""
+    pid_t = tl.program_id(0)
+    b64 = tl.program_id(1).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < seqlen
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HEAD_DIM // 2
+    f0 = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
+    f1 = tl.load(FREQ + HEAD_DIM // 2 + offs_h, mask=h_ok, other=0.0)
+    f2 = tl.load(FREQ + HEAD_DIM + offs_h, mask=h_ok, other=0.0)
+    cp = C + b64 * stride_cb + offs_t * stride_ct
+    ct = tl.load(cp, mask=t_ok, other=0).to(tl.float32)
+    ch = tl.load(cp + stride_cd, mask=t_ok, other=0).to(tl.float32)
+    cw = tl.load(cp + 2 * stride_cd, mask=t_ok, other=0).to(tl.float32)
+    ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
+    c, s = _cos_sin(ang, FAST_TRIG)
+    offs_r = tl.arange(0, 2 * BLOCK_H)
+    dt = OUT.dtype.element_ty
+    for h in range(nheads):
+        xa, xb = _load_pairs(X + b64 * stride_xb + h * stride_xh + offs_t[:, None] * stride_xt, t_ok,
+                             HEAD_DIM, BLOCK_H, INTERLEAVED)
+        r = tl.reshape(tl.join((xa * c - xb * s).to(dt), (xa * s + xb * c).to(dt)), (BLOCK_T, 2 * BLOCK_H))
+        tl.store(OUT + b64 * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + offs_r[None, :], r,
+                 mask=t_ok[:, None])
+
+
+@triton.jit
+def rope_table(
+    C, FREQ, OUT,
+    seqlen,
+    stride_cb, stride_ct, stride_cd,
+    stride_ob, stride_ot, stride_os,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, FAST_TRIG: tl.constexpr,
+):
+    """ROPE_K 2's per-forward pass: OUT[b, t, 0, :] = cos, OUT[b, t, 1, :] = sin (float32, BLOCK_H wide;
+    pairs past HEAD_DIM / 2 get cos 1, sin 0) of each token's angles. One program per (BLOCK_T tokens,
+    batch row of distinct coordinates)."""
+    pid_t = tl.program_id(0)
+    b64 = tl.program_id(1).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < seqlen
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HEAD_DIM // 2
+    f0 = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
+    f1 = tl.load(FREQ + HEAD_DIM // 2 + offs_h, mask=h_ok, other=0.0)
+    f2 = tl.load(FREQ + HEAD_DIM + offs_h, mask=h_ok, other=0.0)
+    cp = C + b64 * stride_cb + offs_t * stride_ct
+    ct = tl.load(cp, mask=t_ok, other=0).to(tl.float32)
+    ch = tl.load(cp + stride_cd, mask=t_ok, other=0).to(tl.float32)
+    cw = tl.load(cp + 2 * stride_cd, mask=t_ok, other=0).to(tl.float32)
+    ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
+    c, s = _cos_sin(ang, FAST_TRIG)
+    op = OUT + b64 * stride_ob + offs_t[:, None] * stride_ot + offs_h[None, :]
+    tl.store(op, c, mask=t_ok[:, None])
+    tl.store(op + stride_os, s, mask=t_ok[:, None])
+
+
 # Autotuning (CUDA only): one small config set per class of problem, picked on the host (no
-# prune hook, which torch.compile's handling of user kernels may not honour). Configs were checked
-# for register spills with ptxas for sm_90. Large BLOCK_M first where it fits: each program
-# recomputes its K tiles' cos/sin, so taller query blocks amortize that over more rows.
+# prune hook, which torch.compile's handling of user kernels may not honour). Configs are checked
+# for register spills, built as a launch builds them, by tests/_build_for_gpu.py (sm_90, every ROPE_K
+# candidate on the frame and temporal shapes). Large BLOCK_M first where it fits: each program
+# rotates (or reads cos/sin for) its K tiles, so taller query blocks amortize that over more rows.
 CONFIG_SETS = {
     # one or a few queries per row (attention pooling; short temporal clips)
     "q16": [(16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 3), (16, 64, 8, 3)],
-    "q32": [(32, 32, 4, 3), (16, 32, 4, 3), (64, 32, 8, 3), (32, 64, 4, 3)],
+    "q32": [(32, 32, 4, 3), (16, 32, 4, 3), (64, 32, 8, 3)],
     "d64": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
     # head_dim 96/128: the K tile's rotation temporaries (4 fp32 (BLOCK_N, head_dim/2) arrays)
     # dominate registers, so narrow K tiles and 8 warps
-    "d128": [(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 8, 3)],
-    "d256": [(64, 32, 8, 2), (64, 16, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2)],
+    "d128": [(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
+    "d256": [(64, 32, 8, 2), (64, 16, 8, 2), (64, 16, 4, 2), (32, 16, 8, 2)],
     # float32 inputs use full-precision (non tensor-core) dots: small tiles only
-    "f32": [(32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2), (64, 16, 4, 2)],
+    "f32": [(32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2), (64, 16, 8, 2)],
 }
 _TUNED = {}
 
@@ -362,7 +453,7 @@ def tuned_kernel(name: str):
                 triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
                 for bm, bn, w, st in CONFIG_SETS[name]
             ],
-            key=["HEAD_DIM", "bucket_q", "bucket_k", "HAS_ROPE", "IS_PACKED", "HAS_MASK"],
+            key=["HEAD_DIM", "bucket_q", "bucket_k", "HAS_ROPE", "IS_PACKED", "HAS_MASK", "ROPE_K"],  # (candidates tune apart)
         )(rope_attn_fwd)
     return _TUNED[name]
 
@@ -398,12 +489,83 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _fast_trig(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and torch.version.hip is None
+
+
+# How K gets rotated (the kernel's ROPE_K), one host switch so that the candidates can be timed against
+# each other (bench/, on a GPU) and all stay tested (tests/test_rope_attention.py):
+#   loop       K tiles rotated in the inner loop, cos/sin recomputed per tile (for every query block);
+#   prerotate  one small pass (rope_rotate) writes rotated K to a scratch buffer, the loop is plain
+#              attention (K tiles can stream into shared memory with cp.async/TMA, no register work);
+#   table      one small pass (rope_table) writes per-token cos/sin in float32; the loop rotates K
+#              tiles with FMAs only.
+# Q is always rotated once per program, in its prologue; RoPE never leaves the op.
+ROPE_K_MODES = {"loop": 0, "prerotate": 1, "table": 2}
+# Default, chosen by reasoning (not yet measured): at head_dim 64 the loop is bound by the SFU (softmax's
+# exp2, ~MMA time per tile) and "loop" adds 2 SFU ops (cos, sin) per K pair per tile, ~+50% SFU work.
+# "table" moves that to ~6 FP32 FMAs per pair on the FP32 pipe, which has slack, and its pass writes only
+# 256 bytes per token (L2-friendly reads). "prerotate" empties the loop but its pass reads and writes all
+# of K once more (~2 x 1.2 MB per 577-token frame, ~15% of the frame's attention time at the goal rate).
+# The GPU run must time all three on the frame shape (pass included) and keep the fastest.
+DEFAULT_ROPE_K = "table"
+_ROPE_K = [DEFAULT_ROPE_K]
+
+
+@contextmanager
+def rope_k_mode(mode: str) -> Iterator[None]:
+    """Launches inside use ``mode`` (one of ROPE_K_MODES) to rotate K; restores the previous one on exit."""
+    if mode not in ROPE_K_MODES:
+        raise ValueError(f"rope_k mode must be one of {tuple(ROPE_K_MODES)}, got {mode!r}")
+    before = _ROPE_K[0]
+    _ROPE_K[0] = mode
+    try:
+        yield
+    finally:
+        _ROPE_K[0] = before
+
+
+def rope_prepass(mode, k, coords, freqs, rope_layout, cu_seqlens):
+    """What ROPE_K ``mode`` runs before the attention kernel: (k, coords, launch) for ``kernel_args``.
+
+    ``launch`` is None ("loop", or no RoPE) or (kernel, grid, args, flags): the pass that fills the
+    returned scratch buffer -- rotated K for "prerotate" (k then points at it), the cos/sin table for
+    "table" (coords then points at it). Allocates only; the caller launches (or compiles) it.
+    """
+    if coords is None or mode == "loop":
+        return k, coords, None
+    packed = cu_seqlens is not None
+    d = k.shape[-1]
+    block_h = max(16, _next_pow2(d // 2))
+    kb = k[None] if packed else k  # (batch, seq, heads, head_dim); packed = one row of all tokens
+    cb = coords[None] if packed else coords
+    nb, seq = kb.shape[0], kb.shape[1]
+    f = freqs.contiguous()
+    fast = _fast_trig(k)
+    block_t = 32
+    if mode == "prerotate":
+        out = torch.empty((*kb.shape[:-1], 2 * block_h), dtype=k.dtype, device=k.device)
+        args = (kb, cb, f, out, seq, kb.shape[2], *kb.stride()[:3], *cb.stride(), *out.stride()[:3])
+        flags = dict(HEAD_DIM=d, BLOCK_T=block_t, BLOCK_H=block_h, INTERLEAVED=rope_layout == "interleaved",
+                     FAST_TRIG=fast)
+        launch = (rope_rotate, (triton.cdiv(seq, block_t), nb), args, flags)
+        return (out[0] if packed else out), coords, launch
+    # "table": one row of coordinates serves every batch row when coords were expanded over the batch
+    nrows = 1 if cb.stride(0) == 0 else nb
+    out = torch.empty((nrows, seq, 2, block_h), dtype=torch.float32, device=k.device)
+    args = (cb, f, out, seq, *cb.stride(), *out.stride()[:3])
+    flags = dict(HEAD_DIM=d, BLOCK_T=block_t, BLOCK_H=block_h, FAST_TRIG=fast)
+    launch = (rope_table, (triton.cdiv(seq, block_t), nrows), args, flags)
+    return k, (out[0] if packed else out.expand(nb, seq, 2, block_h)), launch
+
+
 def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out,
-                 skip_padded_queries=False, lse=None):
+                 skip_padded_queries=False, rope_k="loop", lse=None):
     """The kernel's arguments for these (checked) inputs: (args, flags, nbatch, seqlen_q, seqlen_k, hq).
 
-    ``lse``: where to store the float32 log-sum-exp per (row, head) for the backward (shape
-    ``q.shape[:-1]``, any strides); None (inference) compiles the store out.
+    ``rope_k``: a ROPE_K_MODES key; for "prerotate" / "table", ``k`` / ``coords`` are what
+    :func:`rope_prepass` returned. ``lse``: where to store the float32 log-sum-exp per (row, head) for
+    the backward (shape ``q.shape[:-1]``, any strides); None (inference) compiles the store out.
 
     Shared by the launcher and by the ahead-of-time build check (tests/_build_for_gpu.py), so the latter
     compiles exactly what a launch would.
@@ -426,7 +588,7 @@ def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key
     dummy = q  # stands in for absent pointers; never read (the matching flag is off)
     if has_rope:
         c = coords
-        sc = (0, *c.stride()) if packed else tuple(c.stride())
+        sc = (0, *c.stride()[:2]) if packed else tuple(c.stride()[:3])  # (coords, or cos/sin table rows)
         f = freqs.contiguous()
     else:
         c, f, sc = dummy, dummy, (0, 0, 0)
@@ -452,8 +614,9 @@ def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h,
         HAS_ROPE=has_rope, INTERLEAVED=rope_layout == "interleaved", IS_PACKED=packed,
         HAS_MASK=has_mask, ZERO_PAD_Q=has_mask and seqlen_q == seqlen_k and bool(skip_padded_queries),
-        FAST_TRIG=q.device.type == "cuda" and torch.version.hip is None,
-        IEEE_DOT=q.dtype == torch.float32, STORE_LSE=lse is not None,
+        FAST_TRIG=_fast_trig(q),
+        IEEE_DOT=q.dtype == torch.float32,
+        ROPE_K=ROPE_K_MODES[rope_k] if has_rope else 0, BLOCK_N_TAIL=16, STORE_LSE=lse is not None,
     )
     return args, flags, nbatch, seqlen_q, seqlen_k, hq
 
@@ -528,10 +691,19 @@ def _launch_fwd(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key
         return out, lse
     if not packed and k.shape[1] == 0:
         return out.zero_(), lse
+    mode = _ROPE_K[0]
+    k, coords, launch = rope_prepass(mode, k, coords, freqs, rope_layout, cu_seqlens)
     args, flags, nbatch, seqlen_q, _, hq = kernel_args(
         q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out, skip_padded_queries,
-        lse,
+        mode, lse,
     )
+    if launch is not None:
+        pre, pre_grid, pre_args, pre_flags = launch
+        if interpreting() and q.device.type == "cpu":
+            pre[pre_grid](*pre_args, **pre_flags)
+        else:
+            with torch.cuda.device(q.device):
+                torch.library.wrap_triton(pre)[pre_grid](*pre_args, **pre_flags)
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * nbatch, hq)
@@ -559,5 +731,5 @@ def _fake_lse(q, k, v, coords=None, freqs=None, rope_layout="interleaved", cu_se
 
 # What callers run: torch.ops.pevideo.rope_attention (opaque under TRITON_INTERPRET, see register_op).
 rope_attention_fused = register_op("pevideo::rope_attention", rope_attention_fwd, _fake)
-# The training forward (out, lse); the autograd wiring is in .rope_attention_autograd.
+# The training forward (out, lse); the autograd wiring is in ._rope_attention_autograd.
 rope_attention_fused_lse = register_op("pevideo::rope_attention_lse", rope_attention_fwd_lse, _fake_lse)

@@ -4,12 +4,14 @@
 the video tower through pevideo's fused Triton kernels where they can run.
 """
 from .dispatch import PeVideoKernelFallbackWarning
+from .errors import PevideoError, UsageError
 from .loading import CheckpointMismatchError
 from .modeling import PeVideoEncoder, PeVideoModel, PeVideoOutput, kernel_report
 from .embed import *  # noqa: F403 (the embedding pipeline's API, listed in pevideo.embed.__all__)
 from .embed import __all__ as _embed_all
 from .processing import PeVideoProcessor, PeVideoVideoProcessor
-from .video import VideoMetadata, load_video
+from .normalization import Normalization
+from .video import TruncatedVideoError, VideoMetadata, VideoTimeLimitError, load_video
 
 __version__ = "0.1.0"
 
@@ -24,5 +26,10 @@ __all__ = [
     "PeVideoProcessor",
     "PeVideoKernelFallbackWarning",
     "CheckpointMismatchError",
+    "Normalization",
+    "PevideoError",
+    "UsageError",
+    "TruncatedVideoError",
+    "VideoTimeLimitError",
     *_embed_all,
 ]

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .video import VideoMetadata, _read_video, _source_name, uniform_indices, upstream_fps_indices
+from .video import VideoMetadata, _check_fps, _check_num_frames, _read_video, _source_name, uniform_indices, upstream_fps_indices
 
 __all__ = ["resize_uint8", "center_crop", "split_clips", "channels_first", "as_tensor", "is_source", "sample_array",
-           "decode_sources", "size_hw"]
+           "decode_sources", "size_hw", "sampling"]
 
 
 def _native_uint8_resize(mode: str, device: torch.device) -> bool:
@@ -249,3 +249,15 @@ def sample_array(clip, sampling, meta, i):
         video_backend="array",
     )
     return clip, meta_out
+
+
+def sampling(num_frames=None, fps=None):
+    """The one rule for a call's ``num_frames`` / ``fps``: ``("n", n)``, ``("fps", f)`` or None (neither
+    given). Refuses both at once, and values that are not a positive int / a positive finite number."""
+    if num_frames is not None and fps is not None:
+        raise ValueError("give num_frames or fps, not both")
+    if num_frames is not None:
+        return ("n", _check_num_frames(num_frames))
+    if fps is not None:
+        return ("fps", _check_fps(fps))
+    return None

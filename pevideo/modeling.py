@@ -17,99 +17,13 @@ from transformers.models.pe_video.modeling_pe_video import PeVideoOutput
 
 from .config import vit_args
 from .dispatch import Ops
+from .inputs_check import check_mask, check_pixels, check_text, check_uint8_videos, resolve_normalization
 from .loading import PretrainedMixin
-from .processing import Normalization
+from .normalization import Normalization
 from .rope import rope_1d
 from .vit import VisionModel, compiled_block_fns
 
 __all__ = ["PeVideoEncoder", "PeVideoModel", "PeVideoOutput", "kernel_report"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------------------------------
-def _check_frame_size(h: int, w: int, img_size) -> None:
-    if (h, w) != tuple(img_size):
-        raise ValueError(
-            f"frames are {h}x{w} but this checkpoint's frame encoder takes {img_size[0]}x{img_size[1]}; "
-            "resize them (the processor does)"
-        )
-
-
-def _check_pixels(pv, img_size) -> None:
-    if not isinstance(pv, torch.Tensor):
-        raise TypeError(f"pixel_values_videos must be a tensor, got {type(pv).__name__}")
-    if pv.dim() != 5 or pv.shape[2] != 3:
-        raise ValueError(f"pixel_values_videos must be (batch, frames, 3, height, width), got {tuple(pv.shape)}")
-    if not pv.is_floating_point():
-        raise ValueError(
-            f"pixel_values_videos must be a float tensor (normalized pixels, as the processor returns), got {pv.dtype}"
-        )
-    if pv.shape[0] == 0 or pv.shape[1] == 0:
-        raise ValueError(f"pixel_values_videos is empty: {tuple(pv.shape)}")
-    _check_frame_size(pv.shape[3], pv.shape[4], img_size)
-
-
-def _check_uint8_videos(videos, img_size) -> None:
-    if not isinstance(videos, torch.Tensor) or videos.dtype != torch.uint8 or videos.dim() != 5 or videos.shape[-1] != 3:
-        what = f"{videos.dtype} {tuple(videos.shape)}" if isinstance(videos, torch.Tensor) else type(videos).__name__
-        raise ValueError(f"videos must be a uint8 tensor (batch, frames, height, width, 3), got {what}")
-    if videos.shape[0] == 0 or videos.shape[1] == 0:
-        raise ValueError(f"videos is empty: {tuple(videos.shape)}")
-    _check_frame_size(videos.shape[2], videos.shape[3], img_size)
-
-
-def _normalization(normalization, image_mean, image_std, rescale_factor) -> Normalization:
-    """One checked :class:`Normalization` from the record or the three settings (PE's for those not given)."""
-    loose = {k: v for k, v in (("mean", image_mean), ("std", image_std), ("rescale", rescale_factor)) if v is not None}
-    if normalization is None:
-        return Normalization(**loose)
-    if loose:
-        raise ValueError("give normalization or image_mean / image_std / rescale_factor, not both")
-    if not isinstance(normalization, Normalization):
-        raise TypeError(f"normalization must be a pevideo Normalization (processor.normalization), "
-                        f"got {type(normalization).__name__}")
-    return normalization
-
-
-def _check_mask(m, b: int, t: int, device):
-    """Validate ``padding_mask_videos``; return (bool mask on ``device`` or None, flat real-frame indices or None)."""
-    if m is None:
-        return None, None
-    if not isinstance(m, torch.Tensor):
-        raise TypeError(f"padding_mask_videos must be a tensor, got {type(m).__name__}")
-    if tuple(m.shape) != (b, t):
-        raise ValueError(f"padding_mask_videos must have shape (batch, frames) = {(b, t)}, got {tuple(m.shape)}")
-    if m.dtype != torch.bool:
-        if m.is_floating_point() or m.is_complex():
-            raise ValueError(f"padding_mask_videos must be bool or integer 0/1, got {m.dtype}")
-        if ((m != 0) & (m != 1)).any():
-            raise ValueError("padding_mask_videos must hold only 0 (padding) and 1 (real frame)")
-        m = m != 0
-    m = m.to(device)
-    empty = (~m.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"clip(s) {empty} of the batch have no real frame (padding_mask_videos is all 0 there)")
-    return m, m.flatten().nonzero().flatten()
-
-
-def _check_text(input_ids, attention_mask, vocab_size: int) -> None:
-    """Token ids the text tower can embed, and at least one token per text (ModernBERT fails deep inside,
-    with a bare IndexError or a reshape error, otherwise)."""
-    n, length = input_ids.shape
-    if n == 0 or length == 0:
-        raise ValueError(f"input_ids is empty: {tuple(input_ids.shape)}; each text needs at least one token")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = ((input_ids < 0) | (input_ids >= vocab_size)).any(dim=1).nonzero().flatten().tolist()
-        raise ValueError(
-            f"input_ids must lie in [0, {vocab_size}) (the text model's vocab_size), got values from {lo} to {hi} "
-            f"in text(s) {bad[:10]}{' ...' if len(bad) > 10 else ''}; was it tokenized with this checkpoint's tokenizer?"
-        )
-    if attention_mask is not None:
-        empty = (~(attention_mask != 0).any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"text(s) {empty[:10]} have no token (attention_mask is all 0 there)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,7 +270,8 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         hit = self._rope_cache.get(key)
         if hit is None:
             coords, freqs = rope_1d(s, self._head_dim, theta=self._rope_theta)
-            hit = (coords.expand(b, s, 3).contiguous().to(device), freqs.to(device))
+            # A stride-0 view over the batch: one row of coords, which the kernel's cos/sin table shares.
+            hit = (coords.to(device).expand(b, s, 3), freqs.to(device))
             if len(self._rope_cache) > 64:
                 self._rope_cache.clear()
             self._rope_cache[key] = hit
@@ -385,9 +300,9 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
     def forward(self, pixel_values_videos: torch.Tensor, padding_mask_videos: torch.Tensor | None = None, return_dict: bool | None = None):
         self._ops.reset()
         pv = pixel_values_videos
-        _check_pixels(pv, self.vit.args.img_size)
+        check_pixels(pv, self.vit.args.img_size)
         b, t = pv.shape[:2]
-        mask, real = _check_mask(padding_mask_videos, b, t, pv.device)
+        mask, real = check_mask(padding_mask_videos, b, t, pv.device)
         out = self._run(pv.reshape(b * t, *pv.shape[2:]), b, t, mask, real, None)
         return out if return_dict is not False else out.to_tuple()
 
@@ -408,11 +323,11 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         ``normalization``: a :class:`pevideo.processing.Normalization` (``processor.normalization``);
         default PE Video's. Or give ``image_mean`` / ``image_std`` / ``rescale_factor`` instead. Checked:
         a zero, negative or non-finite std (or a wrong number of channels) raises ValueError."""
-        norm = _normalization(normalization, image_mean, image_std, rescale_factor)
+        norm = resolve_normalization(normalization, image_mean, image_std, rescale_factor)
         self._ops.reset()
-        _check_uint8_videos(videos, self.vit.args.img_size)
+        check_uint8_videos(videos, self.vit.args.img_size)
         b, t = videos.shape[:2]
-        mask, real = _check_mask(padding_mask_videos, b, t, videos.device)
+        mask, real = check_mask(padding_mask_videos, b, t, videos.device)
         return self._run(videos.reshape(b * t, *videos.shape[2:]), b, t, mask, real, norm.as_kwargs())
 
 
@@ -500,7 +415,7 @@ class PeVideoModel(PretrainedMixin, nn.Module):
             raise ValueError(
                 f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
             )
-        _check_text(input_ids, attention_mask, self.config.text_config.vocab_size)
+        check_text(input_ids, attention_mask, self.config.text_config.vocab_size)
         dev = self.device
         return self.text_model(
             input_ids=input_ids.to(dev), attention_mask=None if attention_mask is None else attention_mask.to(dev)

@@ -13,10 +13,8 @@ sampling, resize, crop) are in :mod:`pevideo.frames`; config files and tokenizer
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +26,7 @@ from .frames import (
     resize_uint8,
     sample_array,
     size_hw,
+    sampling,
     split_clips,
 )
 from .processor_files import (
@@ -37,7 +36,7 @@ from .processor_files import (
     load_tokenizer,
     load_video_config,
 )
-from .video import _check_fps, _check_num_frames
+from .normalization import Normalization
 
 __all__ = ["PeVideoVideoProcessor", "PeVideoProcessor", "Normalization", "sampling", "checkpoint_frame_size",
            "load_tokenizer"]
@@ -72,62 +71,6 @@ _UPSTREAM_DEFAULTS = dict(
 _HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
 _warned_defaults: set = set()  # PE-default warnings already given, by what was missing
 
-
-def _channel_list(v, name):
-    if isinstance(v, (int, float)):
-        return [float(v)] * 3
-    try:
-        vals = [float(x) for x in v]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} needs 3 numbers (one per RGB channel), got {v!r}") from None
-    if len(vals) != 3:
-        raise ValueError(f"{name} needs 3 values (one per RGB channel), got {vals}")
-    return vals
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """How resized uint8 frames become model inputs: ``(x * rescale - mean) / std`` per RGB channel.
-
-    A processor's rescale + normalize settings (:attr:`PeVideoVideoProcessor.normalization`), as
-    :meth:`pevideo.PeVideoModel.get_video_features_uint8` applies them inside the patchify op. The
-    defaults are PE Video's: mean = std = 0.5, rescale 1/255. Checked on creation (ValueError): three
-    finite means, three finite positive stds (0 or NaN would make every output NaN), a finite
-    non-zero rescale.
-    """
-
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    rescale: float = 1 / 255
-
-    def __post_init__(self):
-        mean, std = _channel_list(self.mean, "image_mean"), _channel_list(self.std, "image_std")
-        if not all(math.isfinite(v) for v in mean):
-            raise ValueError(f"image_mean must be finite, got {mean}")
-        if not all(math.isfinite(v) and v > 0 for v in std):
-            raise ValueError(f"image_std must be finite and positive, got {std}")
-        r = self.rescale
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r == 0:
-            raise ValueError(f"rescale_factor must be a finite non-zero number, got {r!r}")
-        object.__setattr__(self, "mean", tuple(mean))
-        object.__setattr__(self, "std", tuple(std))
-        object.__setattr__(self, "rescale", float(r))
-
-    def as_kwargs(self) -> dict:
-        """``mean``, ``std``, ``rescale`` as the patchify op takes them."""
-        return dict(mean=self.mean, std=self.std, rescale=self.rescale)
-
-
-def sampling(num_frames=None, fps=None):
-    """The one rule for a call's ``num_frames`` / ``fps``: ``("n", n)``, ``("fps", f)`` or None (neither
-    given). Refuses both at once, and values that are not a positive int / a positive finite number."""
-    if num_frames is not None and fps is not None:
-        raise ValueError("give num_frames or fps, not both")
-    if num_frames is not None:
-        return ("n", _check_num_frames(num_frames))
-    if fps is not None:
-        return ("fps", _check_fps(fps))
-    return None
 
 
 # --------------------------------------------------------------------------------------------------

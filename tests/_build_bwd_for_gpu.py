@@ -1,8 +1,8 @@
 """The training side of the ahead-of-time GPU build check (tests/_build_for_gpu.py): build jobs for
 rope_attention's backward kernels (dQ and dK/dV) and for the forward storing the log-sum-exp, for the
 model's training shapes, with exactly the arguments a launch would pass (``_bwd_kernel_args``,
-``kernel_args``). ``backward_jobs(arch)`` returns jobs in _build_for_gpu's format; ``BWD_KERNELS`` maps
-their kernel names to the kernels.
+``kernel_args``), real CPU tensors of the launch's shapes and strides. ``backward_jobs(arch, launch_spec)``
+returns jobs in _build_for_gpu's format; ``BWD_KERNELS`` maps their kernel names to the kernels.
 """
 from __future__ import annotations
 
@@ -47,40 +47,41 @@ def backward_cases():
     return cases
 
 
-def _small(args):
-    # tensors travel to the worker processes as small stand-ins of the same dtype (only dtypes matter)
-    return tuple(torch.empty(1, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
-
-
-def backward_jobs(arch: int) -> list:
-    """(kernel name, args, constexprs, options, arch, label) build jobs of the training kernels."""
+def backward_jobs(arch: int, launch_spec) -> list:
+    """(kernel name, launch spec, arch, label) build jobs of the training kernels, in _build_for_gpu's
+    format; ``launch_spec`` is _build_for_gpu's (Triton's binder: the signature a launch would compile)."""
     out = []
     for label, q, k, v, coords, freqs, layout, cu, max_seqlen, mask, skip in backward_cases():
         o = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32)
+        lse = ra._lse_buffer(q)
         scale = q.shape[-1] ** -0.5
-        # the forward storing the log-sum-exp (STORE_LSE): only its epilogue differs from the inference
-        # kernel (built over every config by _build_for_gpu), so the largest config of its set
-        fargs, flags, *_ = ra.kernel_args(q, k, v, coords, freqs, layout, cu, max_seqlen, mask, scale, o, skip, lse)
+        # The forward storing the log-sum-exp (STORE_LSE), in the default RoPE mode: only its epilogue
+        # differs from the inference kernel (built over every config by _build_for_gpu), so the first
+        # config of its set. (Its per-forward pass is the inference one, built there.)
+        mode = ra.DEFAULT_ROPE_K if coords is not None else "loop"
+        k2, c2, _ = ra.rope_prepass(mode, k, coords, freqs, layout, cu)
+        fargs, flags, *_ = ra.kernel_args(q, k2, v, c2, freqs, layout, cu, max_seqlen, mask, scale, o, skip,
+                                          rope_k=mode, lse=lse)
         assert flags["STORE_LSE"]
         flags["FAST_TRIG"] = True  # what a CUDA launch sets
         cset = ra.config_set(fargs[-2], flags["BLOCK_D"], q.dtype == torch.float32)
         for bm, bn, warps, stages in ra.CONFIG_SETS[cset][:1]:
-            out.append(("rope_attention", _small(fargs), {**flags, "BLOCK_M": bm, "BLOCK_N": bn},
-                        {"num_warps": warps, "num_stages": stages}, arch,
-                        f"rope_attention+lse {label} [{cset} {bm}x{bn} w{warps} s{stages}] sm_{arch}"))
+            kw = {**flags, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+            out.append(("rope_attention", launch_spec("rope_attention", fargs, kw, arch), arch,
+                        f"rope_attention+lse {label} [{cset} {bm}x{bn} w{warps} s{stages}]"
+                        f"{f' rope_k={mode}' if coords is not None else ''} sm_{arch}"))
         # the two backward kernels, with the tiles a CUDA launch picks
         if cu is not None:
             nb, sq, sk = cu.numel() - 1, max_seqlen, max_seqlen
         else:
             nb, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-        delta = torch.empty(q.shape[:-1], dtype=torch.float32)
+        delta = torch.empty(lse.shape, dtype=torch.float32)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         launches = rb._bwd_kernel_args(o, q, k, v, o, lse, dq, dk, dv, delta, coords, freqs, layout, cu, mask, scale,
                                        skip, nb, sq, sk, None, None, False)
         for name, (args, (flags, opts), _grid) in zip(BWD_KERNELS, launches):
-            flags = {**flags, "FAST_TRIG": True}
-            out.append((name, _small(args), flags, dict(opts), arch,
+            kw = {**flags, "FAST_TRIG": True, **opts}
+            out.append((name, launch_spec(name, args, kw, arch), arch,
                         f"{name} {label} [{flags['BLOCK_M']}x{flags['BLOCK_N']} w{opts['num_warps']} "
                         f"s{opts['num_stages']}] sm_{arch}"))
     return out

@@ -272,7 +272,7 @@ def test_cli_device_and_help(media, tmp_path, capsys):
     # A device torch does not know is a usage error (one line, exit 2), not a crash with a traceback.
     assert embed(media["order"][0], "--model", media["ckpt"], "--out", tmp_path / "x", "--device", "tpu") == 2
     err = capsys.readouterr().err
-    assert "not a device: 'tpu'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "'tpu'" in err and "not a device" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):
         cli.main(["classify", "--help"])
     assert "tokenizer" in capsys.readouterr().out

@@ -72,7 +72,9 @@ def test_classify_checks_its_output_before_any_work(media, tmp_path, capsys, mon
         assert len(err) == 1 and "nope" in err[0]
     assert os.listdir(tmp_path) == ["file"]  # no temporary file left behind
 
-    # A writable place: written whole, under its own name only, readable like any other file.
+    # A writable place: written whole, under its own name only, readable like any other file; what a
+    # killed earlier run of this output left (its writer is gone) is removed.
+    (tmp_path / ".p.csv.tmp.999999999").write_text("half a table")
     assert run("classify", media["videos"], *common, "--out", tmp_path / "p.csv") == 1
     assert sorted(os.listdir(tmp_path)) == ["file", "p.csv"]
     assert (tmp_path / "p.csv").read_text().startswith("path,a cat,error")

@@ -302,7 +302,7 @@ def test_os_errors_are_one_line(done, tmp_path, monkeypatch, capsys):
     (tmp_path / "afile").write_text("mine\n")
     assert embed_cli(*base, "--out", tmp_path / "afile") == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "afile: is a file, not a folder" in line
+    assert "afile exists and is not a folder" in line
     assert (tmp_path / "afile").read_text() == "mine\n"
 
     # A 0-byte and a cut-short final file.

@@ -19,6 +19,7 @@ from pevideo_kernels import (
     rope_attention_unsupported_reason,
 )
 from pevideo_kernels import ROPE_ATTENTION, interpreting
+from pevideo_kernels._rope_attention_triton import DEFAULT_ROPE_K, ROPE_K_MODES, rope_k_mode
 from pevideo_kernels.testing import interpreter_blocks, poison_outputs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,13 +33,20 @@ DTYPES = [
     pytest.param((torch.float16, 3e-3, 3e-3), id="fp16"),
 ]
 LAYOUTS = ["interleaved", "half"]
+# RoPE tests run every way of rotating K (ROPE_K_MODES): the default in both dtypes, the other
+# candidates in fp16 (which also checks their rounding to the input dtype); tests take ``rope_k, tol``.
+ROPE_K_TOLS = [pytest.param(DEFAULT_ROPE_K, t.values[0], id=f"{DEFAULT_ROPE_K}-{t.id}") for t in DTYPES] + [
+    pytest.param(m, DTYPES[1].values[0], id=f"{m}-{DTYPES[1].id}") for m in ROPE_K_MODES if m != DEFAULT_ROPE_K
+]
 
 
 @pytest.fixture(autouse=True)
-def _poison_and_blocks():
+def _poison_and_blocks(request):
     # Small tiles under the interpreter: more query blocks, whole K tiles and a ragged last one even
     # for the short sequences these tests can afford. (A test may nest other blocks inside.)
-    with poison_outputs(), interpreter_blocks(16, 16):
+    callspec = getattr(request.node, "callspec", None)
+    mode = callspec.params.get("rope_k", DEFAULT_ROPE_K) if callspec else DEFAULT_ROPE_K
+    with poison_outputs(), interpreter_blocks(16, 16), rope_k_mode(mode):
         yield
 
 
@@ -100,13 +108,13 @@ def _cu(lens):
 # --------------------------------------------------------------------------------------------------
 # packed (cu_seqlens)
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
     "head_dim, coord_kind, heads, kv_heads",
     [(12, "int32", 2, 2), (16, "float", 3, 1), (64, "int64", 2, 1), (80, "float", 2, 2)],
 )
-def test_packed(seed, tol, layout, head_dim, coord_kind, heads, kv_heads):
+def test_packed(seed, rope_k, tol, layout, head_dim, coord_kind, heads, kv_heads):
     dtype, atol, rtol = tol
     lens = [0, 1, 17, 0, 37]
     n = sum(lens)
@@ -116,14 +124,15 @@ def test_packed(seed, tol, layout, head_dim, coord_kind, heads, kv_heads):
     kw = dict(coords=_coords((n,), coord_kind), freqs=_freqs(head_dim), rope_layout=layout, cu_seqlens=_cu(lens))
     out = _fused(q, k, v, **kw)
     _check(out, _ref32(q, k, v, **kw), q, atol, rtol)
-    # the same without RoPE, and with max_seqlen given (larger than needed: extra blocks must exit)
-    kw2 = dict(cu_seqlens=_cu(lens), max_seqlen=50)
-    _check(_fused(q, k, v, **kw2), _ref32(q, k, v, **kw2), q, atol, rtol)
+    if rope_k == DEFAULT_ROPE_K:  # (rope_k does not matter without RoPE)
+        # the same without RoPE, and with max_seqlen given (larger than needed: extra blocks must exit)
+        kw2 = dict(cu_seqlens=_cu(lens), max_seqlen=50)
+        _check(_fused(q, k, v, **kw2), _ref32(q, k, v, **kw2), q, atol, rtol)
 
 
-@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
 @interpreter_blocks(64, 64)
-def test_packed_frame_length(seed, tol):
+def test_packed_frame_length(seed, rope_k, tol):
     """A PE-like 577-token frame (1 CLS + 24x24 patches, PE-Core 2D RoPE) next to a ragged segment."""
     dtype, atol, rtol = tol
     d, heads = 16, 2
@@ -157,10 +166,10 @@ def _masks(b, seq):
     return m.to(DEV)
 
 
-@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("head_dim, coord_kind, skip", [(16, "int32", False), (64, "float", False), (16, "float", True)])
-def test_padded(seed, tol, layout, head_dim, coord_kind, skip):
+def test_padded(seed, rope_k, tol, layout, head_dim, coord_kind, skip):
     dtype, atol, rtol = tol
     b, seq, heads = 5, 40, 2
     q, k, v = (_rand(b, seq, heads, head_dim, dtype=dtype) for _ in range(3))
@@ -192,9 +201,9 @@ def test_padded_rows_match_sdpa_key_mask(seed):
     assert (out[~real] == 0).all()
 
 
-@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
 @pytest.mark.parametrize("skip", [False, True])
-def test_padded_garbage_in_padding(seed, tol, skip):
+def test_padded_garbage_in_padding(seed, rope_k, tol, skip):
     """Padding tokens may hold anything, NaN included: real rows must not see it. With
     skip_padded_queries, padded query rows are not read at all (zeros out)."""
     dtype, atol, rtol = tol
@@ -208,9 +217,9 @@ def test_padded_garbage_in_padding(seed, tol, skip):
     _check(_fused(q, k, v, **kw), ref, q, atol, rtol)
 
 
-@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_full(seed, tol, layout):
+def test_full(seed, rope_k, tol, layout):
     dtype, atol, rtol = tol
     b, seq, heads, d = 2, 37, 2, 16
     q, k, v = (_rand(b, seq, heads, d, dtype=dtype) for _ in range(3))
@@ -222,9 +231,9 @@ def test_full(seed, tol, layout):
 # --------------------------------------------------------------------------------------------------
 # strides, GQA, cross attention, scale
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_strided_qkv_packed(seed, tol, layout):
+def test_strided_qkv_packed(seed, rope_k, tol, layout):
     """q, k, v as views of one (tokens, 3, heads, head_dim) projection output: no copies needed."""
     dtype, atol, rtol = tol
     lens, heads, d = [19, 0, 30], 2, 16
@@ -236,8 +245,8 @@ def test_strided_qkv_packed(seed, tol, layout):
     _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, atol, rtol)
 
 
-@pytest.mark.parametrize("tol", DTYPES)
-def test_strided_qkv_padded(seed, tol):
+@pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
+def test_strided_qkv_padded(seed, rope_k, tol):
     dtype, atol, rtol = tol
     b, seq, heads, d = 5, 24, 2, 12
     qkv = _rand(b, seq, 3, heads, d, dtype=dtype)
@@ -249,9 +258,9 @@ def test_strided_qkv_padded(seed, tol):
     _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, atol, rtol)
 
 
-@pytest.mark.parametrize("tol", DTYPES)
+@pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
 @pytest.mark.parametrize("kv_heads", [1, 2])
-def test_gqa_padded(seed, tol, kv_heads):
+def test_gqa_padded(seed, rope_k, tol, kv_heads):
     dtype, atol, rtol = tol
     b, seq, heads, d = 5, 21, 4, 16
     q = _rand(b, seq, heads, d, dtype=dtype)
@@ -282,8 +291,8 @@ def test_cross_attention(seed, tol, with_mask, lq):
         assert (out[1] == 0).all()
 
 
-@pytest.mark.parametrize("tol", DTYPES)
-def test_scale_and_identity_rope(seed, tol):
+@pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
+def test_scale_and_identity_rope(seed, rope_k, tol):
     """Given scale is used; all-zero coords are the identity (same as no RoPE)."""
     dtype, atol, rtol = tol
     lens, heads, d = [9, 26], 2, 16
@@ -295,11 +304,60 @@ def test_scale_and_identity_rope(seed, tol):
     assert not torch.allclose(out.float(), _ref32(q, k, v, cu_seqlens=cu), atol=atol, rtol=rtol)
     zero = torch.zeros(n, 3, dtype=torch.int32, device=DEV)
     same = _fused(q, k, v, coords=zero, freqs=_freqs(d), cu_seqlens=cu, scale=0.05)
-    # (not bitwise: the RoPE path sums the two pair halves' dot products separately)
+    # (not bitwise: the RoPE path's dot runs over the pairs, not in head_dim order, for "half")
     torch.testing.assert_close(same, out, atol=atol / 10, rtol=rtol / 10)
 
 
 @pytest.mark.skipif(ON_GPU, reason="replaces the interpreter's launch")
+@pytest.mark.parametrize("rope_k", list(ROPE_K_MODES))
+def test_rope_k_coords_shared_over_batch(seed, rope_k):
+    """Coordinates expanded over the batch (stride 0, as one clip shape's coords are): "table" then
+    computes one set of cos/sin rows for all batch rows; every candidate matches the reference."""
+    b, seq, heads, d = 3, 21, 2, 16
+    q, k, v = (_rand(b, seq, heads, d, dtype=torch.float16) for _ in range(3))
+    coords = _coords((1, seq), "float").expand(b, seq, 3)
+    mask = torch.ones(b, seq, dtype=torch.bool, device=DEV)
+    mask[1, 15:] = False
+    kw = dict(coords=coords, freqs=_freqs(d), key_padding_mask=mask, rope_layout="half")
+    _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, 3e-3, 3e-3)
+
+
+@pytest.mark.parametrize("rope_k", ["prerotate", "table"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rope_prepass_scratch(seed, rope_k, layout):
+    """The per-forward passes fill their scratch buffers as the kernel reads them: rotated K, pairs
+    interleaved and rounded to K's dtype, zero past head_dim ("prerotate"); per-token cos and sin of
+    float32 angles, cos 1 / sin 0 past head_dim / 2 ("table")."""
+    from pevideo_kernels import _rope_attention_triton as ra
+
+    n, heads, d = 37, 2, 12  # head_dim 12: 6 pairs in a 16-wide tile
+    k = _rand(n, heads, d, dtype=torch.float16)
+    coords, freqs = _coords((n,), "float"), _freqs(d)
+    k2, c2, (kernel, grid, args, flags) = ra.rope_prepass(rope_k, k, coords, freqs, layout, _cu([n]))
+    with poison_outputs(False):
+        (k2 if rope_k == "prerotate" else c2).fill_(float("nan"))
+        kernel[grid](*args, **flags)
+    if rope_k == "prerotate":
+        assert c2 is coords and k2.shape == (n, heads, 32) and k2.dtype == k.dtype
+        rot = apply_rope_ref(k, coords, freqs, layout).float()
+        pairs = (rot[..., 0::2], rot[..., 1::2]) if layout == "interleaved" else rot.chunk(2, -1)
+        want = torch.zeros(n, heads, 16, 2, device=DEV)
+        want[..., : d // 2, 0], want[..., : d // 2, 1] = pairs
+        torch.testing.assert_close(k2.float(), want.flatten(-2), atol=1e-3, rtol=0)
+    else:
+        assert k2 is k and c2.shape == (n, 2, 16) and c2.dtype == torch.float32
+        ang = (coords[:, :, None] * freqs[None]).sum(1)
+        torch.testing.assert_close(c2[:, 0, : d // 2], ang.cos(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(c2[:, 1, : d // 2], ang.sin(), atol=1e-5, rtol=0)
+        assert (c2[:, 0, d // 2:] == 1).all() and (c2[:, 1, d // 2:] == 0).all()
+
+
+def test_rope_k_mode_rejects_unknown():
+    with pytest.raises(ValueError, match="rope_k mode"):
+        with rope_k_mode("sideways"):
+            pass
+
+
 def test_poison_hook_shows_unwritten_outputs(seed, monkeypatch):
     """The testing hook the tests above rely on: with poison_outputs(), what the kernel skips is NaN."""
     from pevideo_kernels import _rope_attention_triton as tri

@@ -376,7 +376,12 @@ def test_reference_gradcheck(seed):
 def test_forward_stores_lse(seed, mode):
     """The training forward's log-sum-exp (what the backward reads) equals the helper's on every row the
     forward computes; the inference forward's output is the same."""
-    from pevideo_kernels._rope_attention_triton import rope_attention_fused_lse, rope_attention_fwd
+    from pevideo_kernels._rope_attention_triton import (
+        ROPE_K_MODES,
+        rope_attention_fused_lse,
+        rope_attention_fwd,
+        rope_k_mode,
+    )
 
     if mode == "packed":
         lens = [0, 5, 21, 0, 9]
@@ -399,13 +404,15 @@ def test_forward_stores_lse(seed, mode):
         live = mask.any(1)[:, None, None].expand(5, 3, 2)
     args = [kw.get(n) for n in ("coords", "freqs")] + [kw.get("rope_layout", "interleaved")] + [
         kw.get(n) for n in ("cu_seqlens", "max_seqlen", "key_padding_mask", "scale")] + [kw.get("skip_padded_queries", False)]
-    with poison_outputs(), interpreter_blocks(16, 16):
-        out, lse = rope_attention_fused_lse(q, k, v, *args)
-        out_inf = rope_attention_fwd(q, k, v, *args)
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
-    torch.testing.assert_close(lse[live], _lse(q, k, kw)[live], atol=1e-5, rtol=1e-5)
-    assert torch.equal(out, out_inf)
-    torch.testing.assert_close(out, rope_attention_ref(q, k, v, **kw), atol=1e-5, rtol=1e-5)
+    modes = list(ROPE_K_MODES) if "coords" in kw else ["loop"]  # every way the forward may rotate K
+    for mode in modes:
+        with poison_outputs(), interpreter_blocks(16, 16), rope_k_mode(mode):
+            out, lse = rope_attention_fused_lse(q, k, v, *args)
+            out_inf = rope_attention_fwd(q, k, v, *args)
+        assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
+        torch.testing.assert_close(lse[live], _lse(q, k, kw)[live], atol=1e-5, rtol=1e-5, msg=lambda m: f"{mode}: {m}")
+        assert torch.equal(out, out_inf), mode
+        torch.testing.assert_close(out, rope_attention_ref(q, k, v, **kw), atol=1e-5, rtol=1e-5)
 
 
 def test_lse_ref_matches_softmax(seed):

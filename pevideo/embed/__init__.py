@@ -37,6 +37,7 @@ N clips and the ``errors`` as JSON. Failed videos have no row.
 from .api import ClassifyResult, classify_videos, embed_to_file, embed_videos
 from .encode import ClipResult, PipelineStats
 from .inputs import expand_inputs
+from .session import load_model
 from .store import Embeddings, EmbedSummary, ManifestMismatchError, StoreError, merge_shards, read_embeddings
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "read_embeddings",
     "merge_shards",
     "expand_inputs",
+    "load_model",
     "ClipResult",
     "ClassifyResult",
     "Embeddings",

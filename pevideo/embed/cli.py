@@ -15,7 +15,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 
 __all__ = ["register"]
 
@@ -324,17 +323,23 @@ class _Output:
         self.path = path
         if os.path.isdir(path):
             raise IsADirectoryError(21, "is a folder, not a file", path)
+        from .safeio import remove_stale_temporaries, tmp_name
+
         folder = os.path.dirname(os.path.abspath(path))
+        self.tmp = tmp_name(os.path.abspath(path))
         try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+            # What an earlier, killed run of this output left (a writer that is gone), then our own.
+            remove_stale_temporaries(folder, (os.path.basename(path),), before_ns=0)
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:  # name the output, not the temporary name
+            self.tmp = None
             raise type(exc)(exc.errno, f"cannot write here ({exc.strerror})", path) from None
         os.close(fd)
 
     def commit(self, text: str) -> None:
         with open(self.tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; make it like any other output
+        os.chmod(self.tmp, 0o666 & ~_umask())  # created 0600 until whole; then like any other output
         os.replace(self.tmp, self.path)
         self.tmp = None
 

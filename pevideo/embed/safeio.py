@@ -15,7 +15,7 @@ from ..errors import PevideoError
 
 __all__ = [
     "StoreError", "StoreIOError", "OutputPathError", "OutputLockedError", "DamagedOutputError",
-    "OutputLock", "atomic_write_bytes", "atomic_write_text", "remove_stale_temporaries", "io_errors",
+    "OutputLock", "atomic_write_bytes", "atomic_write_text", "remove_stale_temporaries", "io_errors", "tmp_name",
 ]
 
 
