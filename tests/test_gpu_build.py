@@ -36,6 +36,9 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert len(lines) >= 60 and all(line.startswith("ok ") for line in lines), proc.stdout[-4000:]
     assert any(line.startswith("ok patchify") for line in lines)
+    # the training kernels (tests/_build_bwd_for_gpu.py): both backward kernels, the forward storing lse
+    for kernel in ("rope_attn_bwd_dq frames", "rope_attn_bwd_dkdv frames", "rope_attention+lse frames"):
+        assert any(line.startswith(f"ok {kernel}") for line in lines), kernel
     attn = [line for line in lines if line.startswith(("ok rope_attention", "ok rope_rotate", "ok rope_table"))]
     # every RoPE candidate built for the frame shape, with its per-forward pass
     for mode in ("loop", "prerotate", "table"):
