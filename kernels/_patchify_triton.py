@@ -28,7 +28,7 @@ else:
     _CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in CUDA_CONFIGS]
 
 
-@triton.autotune(configs=_CONFIGS, key=["P", "ROW"])
+@triton.autotune(configs=_CONFIGS, key=["P", "ROW"], cache_results=True)  # tuned once per machine, not per process
 @triton.jit
 def patchify_kernel(
     x_ptr, idx_ptr, out_ptr,

@@ -443,6 +443,9 @@ CONFIG_SETS = {
     "f32": [(32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2), (64, 16, 8, 2)],
 }
 _TUNED = {}
+# The autotuning key: per-segment lengths bucketed to powers of two (not the token count), so 64 and
+# 256 frames of 577 tokens share one tuning; dtypes are added by Triton.
+TUNING_KEY = ["HEAD_DIM", "bucket_q", "bucket_k", "HAS_ROPE", "IS_PACKED", "HAS_MASK", "ROPE_K"]
 
 
 def tuned_kernel(name: str):
@@ -453,7 +456,10 @@ def tuned_kernel(name: str):
                 triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
                 for bm, bn, w, st in CONFIG_SETS[name]
             ],
-            key=["HEAD_DIM", "bucket_q", "bucket_k", "HAS_ROPE", "IS_PACKED", "HAS_MASK", "ROPE_K"],  # (candidates tune apart)
+            key=TUNING_KEY,  # (ROPE_K: the candidates tune apart)
+            # Tuned configs persist in Triton's cache dir, keyed by kernel source, key values and configs:
+            # a new process (or a new batch size in the same bucket) does not tune again.
+            cache_results=True,
         )(rope_attn_fwd)
     return _TUNED[name]
 

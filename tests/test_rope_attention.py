@@ -8,6 +8,11 @@ forgets to write cannot pass.
 """
 from __future__ import annotations
 
+import inspect
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -356,6 +361,35 @@ def test_rope_k_mode_rejects_unknown():
     with pytest.raises(ValueError, match="rope_k mode"):
         with rope_k_mode("sideways"):
             pass
+
+
+def test_autotuning_is_keyed_by_segment_length_and_cached_on_disk():
+    """Issue 9: tuning must not cost every new process or batch size. 1, 64 and 256 frames of 577 tokens
+    give the same key values (a longer segment, 1025 tokens, does not); the tuned kernels keep their
+    results in Triton's cache on disk."""
+    import pevideo_kernels._rope_attention_triton as T
+
+    coords, freqs = pe_core_rope_2d(24, 24, 64, ref_feat_shape=(24, 24))
+
+    def key(n, length, c):
+        q = torch.empty(n * length, 16, 64, dtype=torch.float16)
+        cu = torch.arange(n + 1, dtype=torch.int32) * length
+        args, flags, *_ = T.kernel_args(q, q, q, c, freqs, "interleaved", cu, length, None, 0.125, q)
+        fn = getattr(T.rope_attn_fwd, "fn", T.rope_attn_fwd)  # (the interpreter wraps it)
+        runtime = [n for n in inspect.signature(fn).parameters if n not in flags and n not in ("BLOCK_M", "BLOCK_N")]
+        named = {**dict(zip(runtime, args)), **flags}
+        return tuple(named[k] for k in T.TUNING_KEY)
+
+    frames = {key(n, 577, coords.repeat(n, 1)) for n in (1, 64, 256)}
+    assert len(frames) == 1, frames
+    assert key(2, 1025, torch.zeros(2 * 1025, 3)) not in frames
+    # Outside the interpreter (which turns Triton's result cache off), as a CUDA launch builds them.
+    check = ("import pevideo_kernels._rope_attention_triton as T, pevideo_kernels._patchify_triton as P; "
+             "assert all(T.tuned_kernel(n).cache_results for n in T.CONFIG_SETS); "
+             "assert P.patchify_kernel.cache_results")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_poison_hook_shows_unwritten_outputs(seed, monkeypatch):
