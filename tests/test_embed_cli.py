@@ -293,3 +293,16 @@ def test_encoder_takes_the_cores_the_workers_leave(media, monkeypatch):
         assert [torch.get_num_threads() for _ in gen] == [1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_workers_fork_with_pyav_already_imported():
+    # Each forked decoding worker would otherwise import PyAV before its first clip (~0.1 s a worker,
+    # more on a cold cache): in a short run that start-up was a large share of the clips/s, run to run.
+    import subprocess
+    import sys
+
+    code = ("import sys; from pevideo.embed.workers import ClipDataset; "
+            "from pevideo.processing import PeVideoVideoProcessor; assert 'av' not in sys.modules; "
+            "ClipDataset([], PeVideoVideoProcessor(), 4, None); assert 'av' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -20,6 +20,11 @@ class ClipDataset(torch.utils.data.Dataset):
         # Each frame is resized as it is decoded (4K frames are never all held), exactly as the processor
         # would resize it; resize_frames then finds the size already right and only crops / views.
         size, mode = processor.resize_settings
+        # PyAV and the decoder, imported here in the parent: forked workers then start with them loaded
+        # instead of each importing them (~0.1 s, more on a cold cache) before its first clip.
+        import av  # noqa: F401
+
+        from .. import _decode, video  # noqa: F401
         self.decode = dict(size=size, resample=mode, apply_rotation=apply_rotation)
 
     def __len__(self):
