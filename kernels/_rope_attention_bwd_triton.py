@@ -26,32 +26,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# The forward's own cos/sin (the backward must rotate by the very angles the forward used) and dot.
-from ._rope_attention_triton import _cos_sin, _dot
+# The forward's own angles and cos/sin (the backward must rotate by the very angles the forward used),
+# dot, and per-(segment or batch row) start.
+from ._rope_attention_triton import _angles_cs, _dot, _freqs, _row_start
 
 __all__ = ["rope_attn_bwd_dq", "rope_attn_bwd_dkdv"]
-
-
-@triton.jit
-def _freqs(FREQ, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM // 2
-    offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < HALF
-    f0 = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
-    f1 = tl.load(FREQ + HALF + offs_h, mask=h_ok, other=0.0)
-    f2 = tl.load(FREQ + 2 * HALF + offs_h, mask=h_ok, other=0.0)
-    return f0, f1, f2
-
-
-@triton.jit
-def _angles_cs(Ch, offs, ok, f0, f1, f2, stride_ct, stride_cd, FAST_TRIG: tl.constexpr):
-    """cos/sin (rows, BLOCK_H) of the tokens ``offs`` (as the forward: t*f0 + h*f1 + w*f2 in float32)."""
-    cp = Ch + offs * stride_ct
-    ct = tl.load(cp, mask=ok, other=0).to(tl.float32)
-    ch = tl.load(cp + stride_cd, mask=ok, other=0).to(tl.float32)
-    cw = tl.load(cp + 2 * stride_cd, mask=ok, other=0).to(tl.float32)
-    ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
-    return _cos_sin(ang, FAST_TRIG)
 
 
 @triton.jit
@@ -65,7 +44,7 @@ def _load_tile(
     dt = Xh.dtype.element_ty
     rows = Xh + offs[:, None] * stride_xt
     if HAS_ROPE:
-        c, s = _angles_cs(Ch, offs, ok, f0, f1, f2, stride_ct, stride_cd, FAST_TRIG)
+        c, s = _angles_cs(Ch + offs * stride_ct, ok, f0, f1, f2, stride_cd, FAST_TRIG)
         if INTERLEAVED:
             o2 = tl.arange(0, 2 * BLOCK_H)
             x = tl.load(rows + o2[None, :], mask=ok[:, None] & (o2 < HEAD_DIM)[None, :], other=0.0)
@@ -97,7 +76,7 @@ def _store_grad(
     ty = Gh.dtype.element_ty
     rows = Gh + offs[:, None] * stride_gt
     if HAS_ROPE:
-        c, s = _angles_cs(Ch, offs, c_ok, f0, f1, f2, stride_ct, stride_cd, FAST_TRIG)
+        c, s = _angles_cs(Ch + offs * stride_ct, c_ok, f0, f1, f2, stride_cd, FAST_TRIG)
         xa = ga * c + gb * s
         xb = gb * c - ga * s
         if INTERLEAVED:
@@ -186,36 +165,21 @@ def rope_attn_bwd_dq(
     bid = pid // num_m
     start_m = (pid % num_m) * BLOCK_M
     kv_head = head // heads_per_kv
-    b64 = bid.to(tl.int64)
+    # (packed: the host passes token strides as the *b strides, row0 is the segment's first token)
+    row0, len_q, len_k = _row_start(CU, bid, seqlen_q, seqlen_k, IS_PACKED)
     if IS_PACKED:
-        tok0 = tl.load(CU + bid)
-        len_q = tl.load(CU + bid + 1) - tok0
         if start_m >= len_q:  # past this segment's end: those rows belong to another program
             return
-        len_k = len_q
-        t64 = tok0.to(tl.int64)
-        Qh = Q + t64 * stride_qt + head * stride_qh
-        Kh = K + t64 * stride_kt + kv_head * stride_kh
-        Vh = V + t64 * stride_vt + kv_head * stride_vh
-        Oh = O + t64 * stride_ot + head * stride_oh
-        DOh = DO + t64 * stride_dot + head * stride_doh
-        Lh = LSE + t64 * stride_lt + head * stride_lh
-        Eh = DELTA + t64 * stride_et + head * stride_eh
-        Gh = DQ + t64 * stride_gt + head * stride_gh
-        Ch = C + t64 * stride_ct
-    else:
-        len_q = seqlen_q
-        len_k = seqlen_k
-        Qh = Q + b64 * stride_qb + head * stride_qh
-        Kh = K + b64 * stride_kb + kv_head * stride_kh
-        Vh = V + b64 * stride_vb + kv_head * stride_vh
-        Oh = O + b64 * stride_ob + head * stride_oh
-        DOh = DO + b64 * stride_dob + head * stride_doh
-        Lh = LSE + b64 * stride_lb + head * stride_lh
-        Eh = DELTA + b64 * stride_eb + head * stride_eh
-        Gh = DQ + b64 * stride_gb + head * stride_gh
-        Ch = C + b64 * stride_cb
-    Mrow = MASK + b64 * stride_mb
+    Qh = Q + row0 * stride_qb + head * stride_qh
+    Kh = K + row0 * stride_kb + kv_head * stride_kh
+    Vh = V + row0 * stride_vb + kv_head * stride_vh
+    Oh = O + row0 * stride_ob + head * stride_oh
+    DOh = DO + row0 * stride_dob + head * stride_doh
+    Lh = LSE + row0 * stride_lb + head * stride_lh
+    Eh = DELTA + row0 * stride_eb + head * stride_eh
+    Gh = DQ + row0 * stride_gb + head * stride_gh
+    Ch = C + row0 * stride_cb
+    Mrow = MASK + bid.to(tl.int64) * stride_mb
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < len_q
@@ -344,36 +308,20 @@ def rope_attn_bwd_dkdv(
     num_n = tl.cdiv(seqlen_k, BLOCK_N)
     bid = pid // num_n
     start_n = (pid % num_n) * BLOCK_N
-    b64 = bid.to(tl.int64)
+    row0, len_q, len_k = _row_start(CU, bid, seqlen_q, seqlen_k, IS_PACKED)  # (as in the dQ kernel)
     if IS_PACKED:
-        tok0 = tl.load(CU + bid)
-        len_k = tl.load(CU + bid + 1) - tok0
         if start_n >= len_k:
             return
-        len_q = len_k
-        t64 = tok0.to(tl.int64)
-        Qb = Q + t64 * stride_qt
-        Kh = K + t64 * stride_kt + kv_head * stride_kh
-        Vh = V + t64 * stride_vt + kv_head * stride_vh
-        DOb = DO + t64 * stride_dot
-        Lb = LSE + t64 * stride_lt
-        Eb = DELTA + t64 * stride_et
-        GKh = DK + t64 * stride_gkt + kv_head * stride_gkh
-        GVh = DV + t64 * stride_gvt + kv_head * stride_gvh
-        Ch = C + t64 * stride_ct
-    else:
-        len_q = seqlen_q
-        len_k = seqlen_k
-        Qb = Q + b64 * stride_qb
-        Kh = K + b64 * stride_kb + kv_head * stride_kh
-        Vh = V + b64 * stride_vb + kv_head * stride_vh
-        DOb = DO + b64 * stride_dob
-        Lb = LSE + b64 * stride_lb
-        Eb = DELTA + b64 * stride_eb
-        GKh = DK + b64 * stride_gkb + kv_head * stride_gkh
-        GVh = DV + b64 * stride_gvb + kv_head * stride_gvh
-        Ch = C + b64 * stride_cb
-    Mrow = MASK + b64 * stride_mb
+    Qb = Q + row0 * stride_qb
+    Kh = K + row0 * stride_kb + kv_head * stride_kh
+    Vh = V + row0 * stride_vb + kv_head * stride_vh
+    DOb = DO + row0 * stride_dob
+    Lb = LSE + row0 * stride_lb
+    Eb = DELTA + row0 * stride_eb
+    GKh = DK + row0 * stride_gkb + kv_head * stride_gkh
+    GVh = DV + row0 * stride_gvb + kv_head * stride_gvh
+    Ch = C + row0 * stride_cb
+    Mrow = MASK + bid.to(tl.int64) * stride_mb
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_seq = offs_n < len_k

@@ -60,6 +60,49 @@ def _cos_sin(x, FAST_TRIG: tl.constexpr):
 
 
 @triton.jit
+def _row_start(CU, bid, seqlen_q, seqlen_k, IS_PACKED: tl.constexpr):
+    """(row0, len_q, len_k) of segment or batch row ``bid``: the pointer bases of its tensors are
+    ``P + row0 * stride_b``. Packed: row0 is the segment's first token (the host passes the token stride
+    as stride_b, see ``_shared_args``), both lengths the segment's, from CU. Padded: row0 is the batch
+    index, the lengths seqlen_q and seqlen_k. row0 is int64, so that row0 * stride cannot overflow 32
+    bits on large token counts."""
+    if IS_PACKED:
+        tok0 = tl.load(CU + bid)
+        row0 = tok0.to(tl.int64)
+        len_q = tl.load(CU + bid + 1) - tok0
+        len_k = len_q
+    else:
+        row0 = bid.to(tl.int64)
+        len_q = seqlen_q
+        len_k = seqlen_k
+    return row0, len_q, len_k
+
+
+@triton.jit
+def _freqs(FREQ, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Each RoPE pair's frequency per axis (t, h, w): three (BLOCK_H,) float32 rows, 0 past HEAD_DIM / 2."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HALF
+    f0 = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
+    f1 = tl.load(FREQ + HALF + offs_h, mask=h_ok, other=0.0)
+    f2 = tl.load(FREQ + 2 * HALF + offs_h, mask=h_ok, other=0.0)
+    return f0, f1, f2
+
+
+@triton.jit
+def _angles_cs(cp, ok, f0, f1, f2, stride_cd, FAST_TRIG: tl.constexpr):
+    """cos/sin (rows, BLOCK_H) of the tokens whose coordinates (t, h, w at ``stride_cd``) start at ``cp``
+    (a column of pointers): t*f0 + h*f1 + w*f2 summed in float32, term by term (the backward must
+    rotate by the very angles the forward used, so both call this)."""
+    ct = tl.load(cp, mask=ok, other=0).to(tl.float32)
+    ch = tl.load(cp + stride_cd, mask=ok, other=0).to(tl.float32)
+    cw = tl.load(cp + 2 * stride_cd, mask=ok, other=0).to(tl.float32)
+    ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
+    return _cos_sin(ang, FAST_TRIG)
+
+
+@triton.jit
 def _load_pairs(rows, row_ok, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
     """The two members of each RoPE pair of a (rows, head_dim) tile, as float32 (rows, BLOCK_H) each.
 
@@ -105,11 +148,7 @@ def _rope_tile(x_rows, row_ok, t_rows, f0, f1, f2, stride_cd,
         c = tl.load(tp, mask=row_ok[:, None], other=0.0)
         s = tl.load(tp + stride_cd, mask=row_ok[:, None], other=0.0)
     else:
-        ct = tl.load(t_rows, mask=row_ok, other=0).to(tl.float32)
-        ch = tl.load(t_rows + stride_cd, mask=row_ok, other=0).to(tl.float32)
-        cw = tl.load(t_rows + 2 * stride_cd, mask=row_ok, other=0).to(tl.float32)
-        ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
-        c, s = _cos_sin(ang, FAST_TRIG)
+        c, s = _angles_cs(t_rows, row_ok, f0, f1, f2, stride_cd, FAST_TRIG)
     xa, xb = _load_pairs(x_rows, row_ok, HEAD_DIM, BLOCK_H, INTERLEAVED)
     ra = (xa * c - xb * s).to(dt)
     rb = (xa * s + xb * c).to(dt)
@@ -244,31 +283,18 @@ def rope_attn_fwd(
     bid = pid // num_m
     start_m = (pid % num_m) * BLOCK_M
     kv_head = head // heads_per_kv
-    b64 = bid.to(tl.int64)
 
+    row0, len_q, len_k = _row_start(CU, bid, seqlen_q, seqlen_k, IS_PACKED)
     if IS_PACKED:
-        tok0 = tl.load(CU + bid)
-        len_q = tl.load(CU + bid + 1) - tok0
         if start_m >= len_q:  # past this segment's end (or an empty segment): nothing to do
             return
-        len_k = len_q
-        t64 = tok0.to(tl.int64)
-        Qh = Q + t64 * stride_qt + head * stride_qh
-        Kh = K + t64 * stride_kt + kv_head * stride_kh
-        Vh = V + t64 * stride_vt + kv_head * stride_vh
-        Oh = O + t64 * stride_ot + head * stride_oh
-        Lh = LSE + t64 * stride_lt + head * stride_lh
-        Ch = C + t64 * stride_ct
-    else:
-        len_q = seqlen_q
-        len_k = seqlen_k
-        Qh = Q + b64 * stride_qb + head * stride_qh
-        Kh = K + b64 * stride_kb + kv_head * stride_kh
-        Vh = V + b64 * stride_vb + kv_head * stride_vh
-        Oh = O + b64 * stride_ob + head * stride_oh
-        Lh = LSE + b64 * stride_lb + head * stride_lh
-        Ch = C + b64 * stride_cb
-    Mrow = MASK + b64 * stride_mb
+    Qh = Q + row0 * stride_qb + head * stride_qh
+    Kh = K + row0 * stride_kb + kv_head * stride_kh
+    Vh = V + row0 * stride_vb + kv_head * stride_vh
+    Oh = O + row0 * stride_ob + head * stride_oh
+    Lh = LSE + row0 * stride_lb + head * stride_lh
+    Ch = C + row0 * stride_cb
+    Mrow = MASK + bid.to(tl.int64) * stride_mb
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -291,13 +317,8 @@ def rope_attn_fwd(
     if ZERO_PAD_Q:
         q_ok = q_ok & q_real  # padded rows are zeroed at the end; do not even read them
     if HAS_ROPE:
-        HALF = HEAD_DIM // 2
-        offs_h = tl.arange(0, BLOCK_H)
-        h_ok = offs_h < HALF
         # Angles do not depend on the head: f0..f2 hold each pair's frequency per axis.
-        f0 = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
-        f1 = tl.load(FREQ + HALF + offs_h, mask=h_ok, other=0.0)
-        f2 = tl.load(FREQ + 2 * HALF + offs_h, mask=h_ok, other=0.0)
+        f0, f1, f2 = _freqs(FREQ, HEAD_DIM, BLOCK_H)
         # Q is rotated once, here (with ROPE_K 2 from the same cos/sin table as K).
         q = _rope_tile(q_rows, q_ok, Ch + offs_m * stride_ct, f0, f1, f2, stride_cd,
                        HEAD_DIM, BLOCK_H, INTERLEAVED, ROPE_K == 2, FAST_TRIG, dt)
@@ -357,6 +378,19 @@ def rope_attn_fwd(
 
 
 @triton.jit
+def _pass_cs(C, FREQ, seqlen, stride_cb, stride_ct, stride_cd,
+             HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """The per-forward passes' common prologue, for the program (BLOCK_T tokens, batch row):
+    (batch row as int64, token offsets, which are in range, cos, sin) of those tokens' angles."""
+    b64 = tl.program_id(1).to(tl.int64)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < seqlen
+    f0, f1, f2 = _freqs(FREQ, HEAD_DIM, BLOCK_H)
+    c, s = _angles_cs(C + b64 * stride_cb + offs_t * stride_ct, t_ok, f0, f1, f2, stride_cd, FAST_TRIG)
+    return b64, offs_t, t_ok, c, s
+
+
+@triton.jit
 def rope_rotate(
     X, C, FREQ, OUT,
     seqlen, nheads,
@@ -369,21 +403,8 @@ def rope_rotate(
     """ROPE_K 1's per-forward pass: X (batch, seqlen, heads, HEAD_DIM) rotated into OUT (batch, seqlen,
     heads, 2 * BLOCK_H), laid out as ``_rope_tile`` returns it. One program per (BLOCK_T tokens, batch
     row); cos/sin computed once for all heads."""
-    pid_t = tl.program_id(0)
-    b64 = tl.program_id(1).to(tl.int64)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = offs_t < seqlen
-    offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < HEAD_DIM // 2
-    f0 = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
-    f1 = tl.load(FREQ + HEAD_DIM // 2 + offs_h, mask=h_ok, other=0.0)
-    f2 = tl.load(FREQ + HEAD_DIM + offs_h, mask=h_ok, other=0.0)
-    cp = C + b64 * stride_cb + offs_t * stride_ct
-    ct = tl.load(cp, mask=t_ok, other=0).to(tl.float32)
-    ch = tl.load(cp + stride_cd, mask=t_ok, other=0).to(tl.float32)
-    cw = tl.load(cp + 2 * stride_cd, mask=t_ok, other=0).to(tl.float32)
-    ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
-    c, s = _cos_sin(ang, FAST_TRIG)
+    b64, offs_t, t_ok, c, s = _pass_cs(C, FREQ, seqlen, stride_cb, stride_ct, stride_cd,
+                                       HEAD_DIM, BLOCK_T, BLOCK_H, FAST_TRIG)
     offs_r = tl.arange(0, 2 * BLOCK_H)
     dt = OUT.dtype.element_ty
     for h in range(nheads):
@@ -405,21 +426,9 @@ def rope_table(
     """ROPE_K 2's per-forward pass: OUT[b, t, 0, :] = cos, OUT[b, t, 1, :] = sin (float32, BLOCK_H wide;
     pairs past HEAD_DIM / 2 get cos 1, sin 0) of each token's angles. One program per (BLOCK_T tokens,
     batch row of distinct coordinates)."""
-    pid_t = tl.program_id(0)
-    b64 = tl.program_id(1).to(tl.int64)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = offs_t < seqlen
+    b64, offs_t, t_ok, c, s = _pass_cs(C, FREQ, seqlen, stride_cb, stride_ct, stride_cd,
+                                       HEAD_DIM, BLOCK_T, BLOCK_H, FAST_TRIG)
     offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < HEAD_DIM // 2
-    f0 = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
-    f1 = tl.load(FREQ + HEAD_DIM // 2 + offs_h, mask=h_ok, other=0.0)
-    f2 = tl.load(FREQ + HEAD_DIM + offs_h, mask=h_ok, other=0.0)
-    cp = C + b64 * stride_cb + offs_t * stride_ct
-    ct = tl.load(cp, mask=t_ok, other=0).to(tl.float32)
-    ch = tl.load(cp + stride_cd, mask=t_ok, other=0).to(tl.float32)
-    cw = tl.load(cp + 2 * stride_cd, mask=t_ok, other=0).to(tl.float32)
-    ang = ct[:, None] * f0[None, :] + ch[:, None] * f1[None, :] + cw[:, None] * f2[None, :]
-    c, s = _cos_sin(ang, FAST_TRIG)
     op = OUT + b64 * stride_ob + offs_t[:, None] * stride_ot + offs_h[None, :]
     tl.store(op, c, mask=t_ok[:, None])
     tl.store(op + stride_os, s, mask=t_ok[:, None])
@@ -565,6 +574,47 @@ def rope_prepass(mode, k, coords, freqs, rope_layout, cu_seqlens):
     return k, (out[0] if packed else out.expand(nb, seq, 2, block_h)), launch
 
 
+def _shared_args(q, coords, freqs, rope_layout, cu_seqlens, key_padding_mask, seqlen_q, seqlen_k,
+                skip_padded_queries):
+    """What the forward kernel and both backward kernels take alike, for checked inputs:
+    ``(strides, (c, f, cu, m, ranges), (*sc, *sm), flags)``.
+
+    ``strides(t)``: t's (batch, token, head) strides as the kernels take them; packed tensors have no
+    batch dim, so their token stride stands in (the kernels' row0 is then a token, see ``_row_start``).
+    ``c``: coords (or the cos/sin table "table" mode made of them), ``sc`` its (batch, token, axis)
+    strides; ``m``, ``sm``, ``ranges``: the key-padding mask as bytes, its strides, each row's real-key
+    span (``_key_ranges``); ``cu``: cu_seqlens. ``flags``: the constexpr flags the kernels share.
+    """
+    packed = cu_seqlens is not None
+    d = q.shape[-1]
+
+    def strides(t):
+        return (t.stride(0), *t.stride()[:2]) if packed else tuple(t.stride()[:3])
+
+    has_rope = coords is not None
+    has_mask = key_padding_mask is not None
+    dummy = q  # stands in for absent pointers; never read (the matching flag is off)
+    if has_rope:
+        c, f, sc = coords, freqs.contiguous(), strides(coords)  # (coords, or cos/sin table rows)
+    else:
+        c, f, sc = dummy, dummy, (0, 0, 0)
+    if has_mask:
+        m = key_padding_mask.view(torch.uint8)
+        sm = tuple(m.stride())
+        ranges = _key_ranges(key_padding_mask)
+    else:
+        m, ranges, sm = dummy, dummy, (0, 0)
+    cu = cu_seqlens.contiguous() if packed else dummy  # read as a flat array
+    flags = dict(
+        HEAD_DIM=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_H=max(16, _next_pow2(d // 2)) if has_rope else 16,
+        HAS_ROPE=has_rope, INTERLEAVED=rope_layout == "interleaved", IS_PACKED=packed,
+        HAS_MASK=has_mask, ZERO_PAD_Q=has_mask and seqlen_q == seqlen_k and bool(skip_padded_queries),
+        FAST_TRIG=_fast_trig(q),
+        IEEE_DOT=q.dtype == torch.float32,
+    )
+    return strides, (c, f, cu, m, ranges), (*sc, *sm), flags
+
+
 def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out,
                  skip_padded_queries=False, rope_k="loop", lse=None):
     """The kernel's arguments for these (checked) inputs: (args, flags, nbatch, seqlen_q, seqlen_k, hq).
@@ -577,53 +627,25 @@ def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key
     compiles exactly what a launch would.
     """
     packed = cu_seqlens is not None
-    d = q.shape[-1]
     hq, hkv = q.shape[-2], k.shape[-2]
     if packed:
         nbatch = cu_seqlens.numel() - 1
         seqlen_q = seqlen_k = int(max_seqlen)
-        sq, sk, sv, so = ((0, *t.stride()[:2]) for t in (q, k, v, out))
-        sl = (0, *lse.stride()) if lse is not None else (0, 0, 0)
     else:
         nbatch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
-        sq, sk, sv, so = (t.stride()[:3] for t in (q, k, v, out))
-        sl = tuple(lse.stride()) if lse is not None else (0, 0, 0)
-
-    has_rope = coords is not None
-    has_mask = key_padding_mask is not None
-    dummy = q  # stands in for absent pointers; never read (the matching flag is off)
-    if has_rope:
-        c = coords
-        sc = (0, *c.stride()[:2]) if packed else tuple(c.stride()[:3])  # (coords, or cos/sin table rows)
-        f = freqs.contiguous()
-    else:
-        c, f, sc = dummy, dummy, (0, 0, 0)
-    if has_mask:
-        m = key_padding_mask.view(torch.uint8)
-        sm = tuple(m.stride())
-        ranges = _key_ranges(key_padding_mask)
-    else:
-        m, ranges, sm = dummy, dummy, (0, 0)
-    cu = cu_seqlens.contiguous() if packed else dummy  # read as a flat array
-
-    block_d = max(16, _next_pow2(d))
-    block_h = max(16, _next_pow2(d // 2)) if has_rope else 16
+    strides, (c, f, cu, m, ranges), sc_sm, flags = _shared_args(
+        q, coords, freqs, rope_layout, cu_seqlens, key_padding_mask, seqlen_q, seqlen_k, skip_padded_queries)
+    sl = strides(lse) if lse is not None else (0, 0, 0)
     qk_scale = float(scale) * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
     bucket_q, bucket_k = _next_pow2(max(seqlen_q, 16)), _next_pow2(max(seqlen_k, 16))
     args = (
         q, k, v, out, out if lse is None else lse, c, f, cu, m, ranges,
         seqlen_q, seqlen_k, hq // hkv, qk_scale,
-        *sq, *sk, *sv, *so, *sl, *sc, *sm,
+        *strides(q), *strides(k), *strides(v), *strides(out), *sl, *sc_sm,
         bucket_q, bucket_k,
     )
-    flags = dict(
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h,
-        HAS_ROPE=has_rope, INTERLEAVED=rope_layout == "interleaved", IS_PACKED=packed,
-        HAS_MASK=has_mask, ZERO_PAD_Q=has_mask and seqlen_q == seqlen_k and bool(skip_padded_queries),
-        FAST_TRIG=_fast_trig(q),
-        IEEE_DOT=q.dtype == torch.float32,
-        ROPE_K=ROPE_K_MODES[rope_k] if has_rope else 0, BLOCK_N_TAIL=16, STORE_LSE=lse is not None,
-    )
+    flags.update(ROPE_K=ROPE_K_MODES[rope_k] if flags["HAS_ROPE"] else 0, BLOCK_N_TAIL=16,
+                 STORE_LSE=lse is not None)
     return args, flags, nbatch, seqlen_q, seqlen_k, hq
 
 

@@ -25,7 +25,7 @@ from .rope_attention import apply_rope_ref, rope_attention_check_args
 
 try:  # the guarded import of the Triton side (as rope_attention's)
     from ._rope_attention_bwd_triton import rope_attn_bwd_dkdv, rope_attn_bwd_dq
-    from ._rope_attention_triton import _key_ranges, _next_pow2
+    from ._rope_attention_triton import _shared_args
     BWD_KERNEL_MISSING: str | None = None
 except Exception as exc:  # noqa: BLE001  ImportError, or a Triton these kernels can't be defined with
     BWD_KERNEL_MISSING = f"{type(exc).__name__}: {exc}"
@@ -156,36 +156,11 @@ def _bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, 
 
     Shared by the launcher and by ahead-of-time build checks, so that these compile what a launch would.
     """
-    packed = cu_seqlens is not None
     d = q.shape[-1]
     hq, hkv = q.shape[-2], k.shape[-2]
-
-    def strides(t):  # (batch, token, head) strides; packed tensors have no batch dim
-        return (0, *t.stride()[:2]) if packed else tuple(t.stride()[:3])
-
-    has_rope = coords is not None
-    has_mask = key_padding_mask is not None
-    dummy = q  # stands in for absent pointers; never read (the matching flag is off)
-    if has_rope:
-        c, f = coords, freqs.contiguous()
-        sc = (0, *c.stride()) if packed else tuple(c.stride())
-    else:
-        c, f, sc = dummy, dummy, (0, 0, 0)
-    if has_mask:
-        m = key_padding_mask.view(torch.uint8)
-        sm = tuple(m.stride())
-        ranges = _key_ranges(key_padding_mask)
-    else:
-        m, ranges, sm = dummy, dummy, (0, 0)
-    cu = cu_seqlens.contiguous() if packed else dummy
-
-    flags = dict(
-        HEAD_DIM=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_H=max(16, _next_pow2(d // 2)) if has_rope else 16,
-        HAS_ROPE=has_rope, INTERLEAVED=rope_layout == "interleaved", IS_PACKED=packed,
-        HAS_MASK=has_mask, ZERO_PAD_Q=has_mask and seqlen_q == seqlen_k and bool(skip_padded_queries),
-        FAST_TRIG=q.device.type == "cuda" and torch.version.hip is None,
-        IEEE_DOT=q.dtype == torch.float32,
-    )
+    # the forward's own host-side set-up (strides, absent pointers, shared flags)
+    strides, (c, f, cu, m, ranges), sc_sm, flags = _shared_args(
+        q, coords, freqs, rope_layout, cu_seqlens, key_padding_mask, seqlen_q, seqlen_k, skip_padded_queries)
     if on_cpu:  # (pevideo_kernels.testing.interpreter_blocks)
         cfg_q = cfg_k = (*LAUNCH.interpret_blocks, None, None)
     else:
@@ -206,12 +181,12 @@ def _bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, 
     dq_args = (
         q, k, v, out, dout, lse, delta, dq, c, f, cu, m, ranges, *common,
         *strides(q), *strides(k), *strides(v), *strides(out), *strides(dout), *strides(lse), *strides(delta),
-        *strides(dq), *sc, *sm,
+        *strides(dq), *sc_sm,
     )
     dkdv_args = (
         q, k, v, dout, lse, delta, dk, dv, c, f, cu, m, ranges, *common,
         *strides(q), *strides(k), *strides(v), *strides(dout), *strides(lse), *strides(delta),
-        *strides(dk), *strides(dv), *sc, *sm,
+        *strides(dk), *strides(dv), *sc_sm,
     )
     # dQ programs own BLOCK_M queries and stream keys; dK/dV programs own BLOCK_N keys and stream queries.
     grid_q = (_cdiv(seqlen_q, cfg_q[0]) * nbatch, hq)
