@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._rope_attention_triton import rope_attention_fused_lse
+from ._rope_attention_launch import rope_attention_fused_lse
 from ._triton import register_op
 from .rope_attention_bwd import rope_attention_bwd
 

@@ -9,7 +9,7 @@ them: ``pevideo.rope``).
 The op's interface (:data:`ROPE_ATTENTION`, all taking :func:`rope_attention`'s arguments):
 ``rope_attention_check_args`` (ValueError on bad arguments), ``rope_attention_unsupported_reason``
 (None if the kernel can serve them), ``rope_attention_fused`` (the Triton kernel, in
-``_rope_attention_triton``) and ``rope_attention_ref`` (the plain PyTorch definition: the fallback,
+``_rope_attention_triton``, launched from ``_rope_attention_launch``) and ``rope_attention_ref`` (the plain PyTorch definition: the fallback,
 and what the kernel is tested against).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ._choose import KernelOp, run
 from ._triton import runtime_reason
 
 try:  # the one guarded import of the Triton side: without Triton every call runs the reference
-    from ._rope_attention_triton import rope_attention_fused as _fused_inference
+    from ._rope_attention_launch import rope_attention_fused as _fused_inference
     KERNEL_MISSING: str | None = None
 except Exception as exc:  # noqa: BLE001  ImportError, or a Triton this kernel can't be defined with
     KERNEL_MISSING = f"{type(exc).__name__}: {exc}"

@@ -25,7 +25,7 @@ from .rope_attention import apply_rope_ref, rope_attention_check_args
 
 try:  # the guarded import of the Triton side (as rope_attention's)
     from ._rope_attention_bwd_triton import rope_attn_bwd_dkdv, rope_attn_bwd_dq
-    from ._rope_attention_triton import _shared_args
+    from ._rope_attention_launch import _shared_args
     BWD_KERNEL_MISSING: str | None = None
 except Exception as exc:  # noqa: BLE001  ImportError, or a Triton these kernels can't be defined with
     BWD_KERNEL_MISSING = f"{type(exc).__name__}: {exc}"

@@ -12,7 +12,7 @@ import torch
 
 from pevideo.rope import pe_core_rope_2d, rope_1d
 from pevideo_kernels import _rope_attention_bwd_triton as kt
-from pevideo_kernels import _rope_attention_triton as ra
+from pevideo_kernels import _rope_attention_launch as ra
 
 rb = importlib.import_module("pevideo_kernels.rope_attention_bwd")  # (the module; the package exports the function)
 

@@ -39,7 +39,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from pevideo.rope import pe_core_rope_2d, rope_1d  # noqa: E402
 from pevideo_kernels import _patchify_triton as pz  # noqa: E402  (the kernels themselves, to compile)
-from pevideo_kernels import _rope_attention_triton as ra  # noqa: E402
+from pevideo_kernels import _rope_attention_launch as ra  # noqa: E402
 
 from _build_bwd_for_gpu import BWD_KERNELS, backward_jobs  # noqa: E402  (tests/: the training kernels' jobs)
 

@@ -24,7 +24,7 @@ from pevideo_kernels import (
     rope_attention_unsupported_reason,
 )
 from pevideo_kernels import ROPE_ATTENTION, interpreting
-from pevideo_kernels._rope_attention_triton import DEFAULT_ROPE_K, ROPE_K_MODES, rope_k_mode
+from pevideo_kernels._rope_attention_launch import DEFAULT_ROPE_K, ROPE_K_MODES, rope_k_mode
 from pevideo_kernels.testing import interpreter_blocks, poison_outputs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -333,7 +333,7 @@ def test_rope_prepass_scratch(seed, rope_k, layout):
     """The per-forward passes fill their scratch buffers as the kernel reads them: rotated K, pairs
     interleaved and rounded to K's dtype, zero past head_dim ("prerotate"); per-token cos and sin of
     float32 angles, cos 1 / sin 0 past head_dim / 2 ("table")."""
-    from pevideo_kernels import _rope_attention_triton as ra
+    from pevideo_kernels import _rope_attention_launch as ra
 
     n, heads, d = 37, 2, 12  # head_dim 12: 6 pairs in a 16-wide tile
     k = _rand(n, heads, d, dtype=torch.float16)
@@ -367,7 +367,7 @@ def test_autotuning_is_keyed_by_segment_length_and_cached_on_disk():
     """Issue 9: tuning must not cost every new process or batch size. 1, 64 and 256 frames of 577 tokens
     give the same key values (a longer segment, 1025 tokens, does not); the tuned kernels keep their
     results in Triton's cache on disk."""
-    import pevideo_kernels._rope_attention_triton as T
+    import pevideo_kernels._rope_attention_launch as T
 
     coords, freqs = pe_core_rope_2d(24, 24, 64, ref_feat_shape=(24, 24))
 
@@ -384,7 +384,7 @@ def test_autotuning_is_keyed_by_segment_length_and_cached_on_disk():
     assert len(frames) == 1, frames
     assert key(2, 1025, torch.zeros(2 * 1025, 3)) not in frames
     # Outside the interpreter (which turns Triton's result cache off), as a CUDA launch builds them.
-    check = ("import pevideo_kernels._rope_attention_triton as T, pevideo_kernels._patchify_triton as P; "
+    check = ("import pevideo_kernels._rope_attention_launch as T, pevideo_kernels._patchify_triton as P; "
              "assert all(T.tuned_kernel(n).cache_results for n in T.CONFIG_SETS); "
              "assert P.patchify_kernel.cache_results")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -394,7 +394,7 @@ def test_autotuning_is_keyed_by_segment_length_and_cached_on_disk():
 
 def test_poison_hook_shows_unwritten_outputs(seed, monkeypatch):
     """The testing hook the tests above rely on: with poison_outputs(), what the kernel skips is NaN."""
-    from pevideo_kernels import _rope_attention_triton as tri
+    from pevideo_kernels import _rope_attention_launch as tri
 
     class _WritesNothing:
         def __getitem__(self, grid):

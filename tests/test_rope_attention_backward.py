@@ -376,7 +376,7 @@ def test_reference_gradcheck(seed):
 def test_forward_stores_lse(seed, mode):
     """The training forward's log-sum-exp (what the backward reads) equals the helper's on every row the
     forward computes; the inference forward's output is the same."""
-    from pevideo_kernels._rope_attention_triton import (
+    from pevideo_kernels._rope_attention_launch import (
         ROPE_K_MODES,
         rope_attention_fused_lse,
         rope_attention_fwd,
