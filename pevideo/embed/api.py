@@ -253,10 +253,9 @@ def embed_to_file(
         dist.on_rank0(lock.acquire)  # one run at a time per output; rank 0 holds it for all ranks
         if not session.loaded:
             session.device = dist.device  # under torchrun: this rank's GPU
+        # apply_rotation recorded only when on, so that earlier runs' outputs keep their fingerprint
         fp = fingerprint(paths, model_id(session.source), session.processor, num_frames, fps, session.dtype, pooled,
-                         shard_size, fast=session.fast)
-        if apply_rotation:  # only when on, so that earlier runs' outputs keep their fingerprint
-            fp["apply_rotation"] = True
+                         shard_size, fast=session.fast, **({"apply_rotation": True} if apply_rotation else {}))
         fp_sha = sha256(json.dumps(fp, sort_keys=True).encode())
         num_shards = math.ceil(len(paths) / shard_size)
         if dist.on_rank0(prepare, layout, fp, fp_sha, num_shards, overwrite, keep_shards) == "complete":
