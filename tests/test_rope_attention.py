@@ -27,7 +27,7 @@ from pevideo_kernels import ROPE_ATTENTION, interpreting
 from pevideo_kernels._rope_attention_launch import DEFAULT_ROPE_K, ROPE_K_MODES, rope_k_mode
 from pevideo_kernels.testing import interpreter_blocks, poison_outputs
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from _rope_inputs import DEV, _coords, _cu, _freqs, _rand  # noqa: E402
 ON_GPU = DEV == "cuda"
 
 # (dtype, atol, rtol) of the kernel against the float32 reference on the same (rounded) inputs. On a GPU
@@ -58,34 +58,6 @@ def _poison_and_blocks(request):
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def _rand(*shape, dtype):
-    return torch.randn(*shape, device=DEV).to(dtype)
-
-
-def _coords(lead, kind, hi=24):
-    """Token coordinates of shape (*lead, 3): random ints (as int32/int64/float32) or fractional floats."""
-    c = torch.randint(0, hi, (*lead, 3), device=DEV)
-    if kind == "int32":
-        return c.to(torch.int32)
-    if kind == "int64":
-        return c
-    if kind == "float":
-        return c.to(torch.float32) * 0.75 + 0.5
-    raise AssertionError(kind)
-
-
-def _freqs(d, theta=100.0):
-    """(3, d/2) frequencies: a sectioned 3D split (each pair turns with one axis) scaled so that angles
-    wrap several times, plus a few pairs with two axes at once."""
-    half = d // 2
-    f = torch.zeros(3, half)
-    base = 1.0 / theta ** (torch.arange(half, dtype=torch.float32) / max(half, 1))
-    for j in range(half):
-        f[j % 3, j] = base[j]
-    f[1, ::4] += 0.37
-    return f.to(DEV)
-
-
 def _fused(q, k, v, **kw):
     """Public entry point, asserting that it takes the kernel path (not the reference fallback)."""
     assert rope_attention_unsupported_reason(
@@ -104,10 +76,6 @@ def _check(out, ref, like, atol, rtol):
     assert out.dtype == like.dtype and out.is_contiguous()
     assert torch.isfinite(out).all(), "NaN/inf in the output: a row was not written (or 0/0)"
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
-
-
-def _cu(lens):
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
 
 
 # --------------------------------------------------------------------------------------------------

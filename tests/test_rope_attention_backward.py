@@ -15,7 +15,7 @@ from pevideo_kernels import rope_attention, rope_attention_ref
 from pevideo_kernels.rope_attention_bwd import rope_attention_bwd, rope_attention_lse_ref
 from pevideo_kernels.testing import interpreter_blocks, poison_outputs
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from _rope_inputs import DEV, _coords, _cu, _freqs, _rand  # noqa: E402
 ON_GPU = DEV == "cuda"
 
 # (dtype, atol, rtol) of the kernel's gradients against float32 autograd through the reference on
@@ -28,34 +28,6 @@ DTYPES = [
 LAYOUTS = ["interleaved", "half"]
 # Small tiles under the interpreter: several query/key blocks and ragged last ones on short inputs.
 BLOCKS = dict(block_m=16, block_n=16)
-
-
-def _rand(*shape, dtype):
-    return torch.randn(*shape, device=DEV).to(dtype)
-
-
-def _coords(lead, kind, hi=24):
-    c = torch.randint(0, hi, (*lead, 3), device=DEV)
-    if kind == "int32":
-        return c.to(torch.int32)
-    if kind == "int64":
-        return c
-    return c.to(torch.float32) * 0.75 + 0.5
-
-
-def _freqs(d, theta=100.0):
-    """(3, d/2): a sectioned 3D split plus a few pairs turning with two axes."""
-    half = d // 2
-    f = torch.zeros(3, half)
-    base = 1.0 / theta ** (torch.arange(half, dtype=torch.float32) / max(half, 1))
-    for j in range(half):
-        f[j % 3, j] = base[j]
-    f[1, ::4] += 0.37
-    return f.to(DEV)
-
-
-def _cu(lens):
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
 
 
 def _nan_like(t):
