@@ -54,6 +54,16 @@ GOAL_SPEEDUP = 1.3
 # --------------------------------------------------------------------------------------------------
 # machine and floors
 # --------------------------------------------------------------------------------------------------
+def _failure(exc: Exception) -> str:
+    """A provider's status when it could not run: missing (an ImportError) or failed (BENCH_DEBUG=1 adds
+    the traceback)."""
+    if isinstance(exc, ImportError):
+        return f"unavailable: {exc}"
+    if os.environ.get("BENCH_DEBUG"):
+        traceback.print_exc()
+    return f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+
+
 def machine_info() -> dict:
     from pevideo.benchtools import machine_info as harness_machine_info
 
@@ -360,12 +370,8 @@ def run_case(c: Case, providers, floors, quick, time_it=True, ref=None):
             del out, real
             entry["status"] = "ok"
             fns[name] = fn
-        except ImportError as exc:
-            entry["status"] = f"unavailable: {exc}"
         except Exception as exc:  # noqa: BLE001  (one provider failing must not end the run)
-            entry["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-            if os.environ.get("BENCH_DEBUG"):
-                traceback.print_exc()
+            entry["status"] = _failure(exc)
         res["providers"][name] = entry
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -498,12 +504,8 @@ def run_case_backward(c: Case, providers, quick, time_it=True):
             entry["grad_err_max"] = err
             entry["status"] = "ok"
             fns[name] = step
-        except ImportError as exc:
-            entry["status"] = f"unavailable: {exc}"
         except Exception as exc:  # noqa: BLE001  (one provider failing must not end the run)
-            entry["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-            if os.environ.get("BENCH_DEBUG"):
-                traceback.print_exc()
+            entry["status"] = _failure(exc)
         res["providers"][name] = entry
     if time_it and fns:
         from pevideo.benchtools import cuda_events, time_interleaved
