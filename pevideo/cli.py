@@ -21,6 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
 
+    from . import tiny
+
+    p = sub.add_parser("tiny-checkpoint", help="write a small random-weight checkpoint (and a sample clip) to try pevideo offline",
+                       description=tiny.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tiny.add_arguments(p)
+    p.set_defaults(func=tiny.main)
+
     from .embed import cli as embed_cli
 
     embed_cli.register(sub)  # embed, classify, merge

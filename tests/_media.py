@@ -54,21 +54,10 @@ def write_truncated(path, like: str, keep: float) -> str:
 
 
 def write_tokenizer(folder) -> None:
-    """A WordLevel tokenizer for the tiny text config (vocab 97; pad 0, cls 1, sep 2), saved as transformers does."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """The word-level tokenizer of ``pevideo tiny-checkpoint`` (vocab 97; pad 0, cls 1, sep 2)."""
+    from pevideo.tiny import write_tokenizer as write
 
-    vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3}
-    for w in "a an the of person playing tennis cat sleeping dog cooking running video".split():
-        vocab[w] = len(vocab)
-    for i in range(len(vocab), 97):
-        vocab[f"w{i}"] = i
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-                                   unk_token="[UNK]")
-    fast.save_pretrained(os.fspath(folder))
+    write(folder, vocab_size=97)
 
 
 def write_checkpoint(folder, name: str = "tiny", seed: int = 0, tokenizer: bool = True) -> str:
