@@ -123,8 +123,9 @@ def encode_only(model, processor, paths, num_frames, batch_size, device, budget_
     """The encoder's clips/s on one already-decoded batch, fed again and again (its ceiling)."""
     from pevideo.embed.encode import Encoder
     from pevideo.embed.workers import ClipDataset, collate
+    from pevideo.sampling import Sampling
 
-    ds = ClipDataset(paths, processor, num_frames, None)
+    ds = ClipDataset(paths, processor, Sampling(num_frames=num_frames))
     batch = collate([ds[i % len(paths)] for i in range(batch_size)])
     if device.type == "cuda":
         batch["videos"] = batch["videos"].pin_memory()

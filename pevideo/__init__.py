@@ -11,7 +11,14 @@ from .embed import *  # noqa: F403 (the embedding pipeline's API, listed in pevi
 from .embed import __all__ as _embed_all
 from .processing import PeVideoProcessor, PeVideoVideoProcessor
 from .normalization import Normalization
-from .video import TruncatedVideoError, VideoMetadata, VideoTimeLimitError, load_video
+from .video import (
+    TruncatedVideoError,
+    UnsupportedVideoError,
+    VideoMetadata,
+    VideoTimeLimitError,
+    VideoTooLargeError,
+    load_video,
+)
 
 __version__ = "0.1.0"
 
@@ -31,5 +38,7 @@ __all__ = [
     "UsageError",
     "TruncatedVideoError",
     "VideoTimeLimitError",
+    "VideoTooLargeError",
+    "UnsupportedVideoError",
     *_embed_all,
 ]

@@ -1,208 +1,43 @@
-"""The PyAV side of :func:`pevideo.load_video`: index the packets, pick frames, decode only those.
+"""The PyAV side of :func:`pevideo.load_video`: pick frames from the probe's packet index, decode only those.
 
-Each kept frame is converted to RGB (the swscale call transformers makes), rotated when asked and
-resized when asked right as it comes out of the decoder, so only kept frames, at their final size,
-are held. The whole read runs against one deadline, checked between packets and frames.
+Each kept frame is converted to RGB (the swscale call transformers makes), rotated when asked and put
+through the :class:`~pevideo.resize.FramePlan` (resize, crop) right as it comes out of the decoder, so
+only kept frames, at their final size, are held. Before any frame is decoded, the frames selected are
+checked against the memory budget (:class:`~pevideo.limits.Limits`) at the size they will be held.
+The whole read runs against one deadline, checked between packets and frames.
+
+Imports only downward: :mod:`pevideo._probe`, and the leaf modules (sampling, limits, resize, metadata).
 """
 from __future__ import annotations
 
 import bisect
-import math
-import os
-import stat
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .video import (
-    TruncatedVideoError,
-    VideoMetadata,
-    VideoTimeLimitError,
-    _source_name,
-    _time_limit,
-    check_complete,
-    check_frame_cap,
-)
+from ._probe import Deadline, Probe, open_container, probe
+from .limits import Limits
+from .metadata import UnsupportedVideoError, VideoMetadata, check_complete, source_name
+from .resize import FramePlan
+from .sampling import Sampling
 
-__all__ = ["read_video"]
+__all__ = ["read_video", "DecodePlan"]
 
 # Seek only past at least this many frames: a seek flushes the decoder, and the frames it had
 # buffered ahead are decoded again.
 _MIN_SKIP = 12
 
-# Containers whose seek lands on the keyframe it is asked for (index based). Others (MPEG-TS, raw
-# streams, ...) seek by bisecting the file, so they are decoded from the start.
-_SEEKABLE_FORMATS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm")
 
-_clock = time.monotonic  # a name of its own, for tests
+@dataclass(frozen=True)
+class DecodePlan:
+    """Everything a decode needs, resolved once (per ``load_video`` call, or per decoding worker):
+    which frames (``sampling``), what happens to each (``frames``: resize, crop), whether to rotate
+    frames upright (``apply_rotation``), and what a clip may cost (``limits``)."""
 
-
-class _Deadline:
-    """Raises VideoTimeLimitError once ``limit`` seconds have passed since it was made."""
-
-    def __init__(self, limit: float, name: str):
-        self.limit, self.name = limit, name
-        self.end = _clock() + limit if math.isfinite(limit) else math.inf
-
-    def check(self) -> None:
-        if _clock() > self.end:
-            raise VideoTimeLimitError(
-                f"{self.name}: decoding took longer than its time limit of {self.limit:g} s; the file may be "
-                "damaged or very long (raise the limit with time_limit= or PEVIDEO_DECODE_TIME_LIMIT)"
-            )
-
-
-def _check_path(path: str) -> None:
-    """Refuse what is not a regular file before opening it: opening a FIFO waits for a writer, and
-    reading a device or socket may never end."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"video file not found: {path}") from None
-    if stat.S_ISDIR(mode):
-        raise ValueError(f"{path} is a directory, not a video file")
-    if not stat.S_ISREG(mode):
-        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-        raise ValueError(f"{path} is {kind}, not a video file; only regular files are read")
-
-
-def _open(src, name):
-    import av
-
-    if isinstance(src, (str, os.PathLike)):
-        path = os.fspath(src)
-        if "://" not in path:
-            _check_path(path)
-        target = path
-    else:
-        if not hasattr(src, "read"):
-            raise ValueError(f"expected a path or a binary file object, got {type(src).__name__}")
-        if hasattr(src, "seek"):
-            src.seek(0)
-        target = src
-    try:
-        return av.open(target, mode="r", metadata_errors="ignore")
-    except Exception as exc:  # FFmpeg's errors (InvalidData, EOF, ...) and PyAV's own
-        raise ValueError(
-            f"{name}: cannot open as a video ({type(exc).__name__}: {exc}); "
-            "it may not be a video file, or may be damaged or truncated"
-        ) from exc
-
-
-def _video_stream(container, name):
-    streams = container.streams.video
-    if len(streams) == 0:
-        raise ValueError(f"{name}: has no video stream; it may not be a video, or may be damaged or truncated")
-    return streams[0]
-
-
-@dataclass
-class _Index:
-    pts: list[int] | None  # presentation times (stream time base), sorted; None: not usable
-    keyframes: list[int]  # pts of keyframes, sorted
-    durations: list[int]  # packet durations in presentation order (0 = unknown)
-    count: int  # frames (packets holding a frame)
-    declared: int  # what the header claims
-
-
-def _index_packets(container, stream, name, deadline) -> _Index:
-    """Walk the video packets without decoding: frame count, presentation times, keyframes."""
-    import av
-
-    declared = int(stream.frames or 0)
-    recs = []
-    packets = 0
-    try:
-        for pkt in container.demux(stream):
-            deadline.check()
-            if pkt.size == 0:
-                continue  # the flush packet at the end
-            packets += 1
-            if getattr(pkt, "is_discard", False):
-                continue  # dropped by an edit list: the decoder never shows it
-            recs.append((pkt.pts, bool(pkt.is_keyframe), int(pkt.duration or 0)))
-    except av.error.FFmpegError as exc:
-        raise ValueError(f"{name}: the file is damaged or truncated (reading packets failed: {exc})") from exc
-    count = len(recs)
-    if declared > 0 and packets < declared:
-        raise TruncatedVideoError(
-            f"{name}: the file looks truncated: its header lists {declared} frames but only {packets} are in the file"
-        )
-    pts = [r[0] for r in recs]
-    if any(p is None for p in pts) or len(set(pts)) != len(pts):
-        return _Index(None, [], [], count, declared)  # no usable timestamps: decode in order instead
-    order = sorted(range(count), key=pts.__getitem__)
-    return _Index(
-        pts=[pts[i] for i in order],
-        keyframes=sorted(p for p, key, _ in recs if key),
-        durations=[recs[i][2] for i in order],
-        count=count,
-        declared=declared,
-    )
-
-
-def _rate(stream):
-    for r in (stream.average_rate, getattr(stream, "guessed_rate", None)):
-        if r:
-            return float(r)
-    return None
-
-
-def _parse_hms(text) -> float | None:
-    """Matroska's per-track ``DURATION`` tag, ``HH:MM:SS.nnnnnnnnn``, in seconds."""
-    try:
-        h, m, sec = str(text).strip().split(":")
-        return int(h) * 3600 + int(m) * 60 + float(sec)
-    except ValueError:
-        return None
-
-
-def _declared_end(container, stream) -> float | None:
-    """Where the header says the video ends, in seconds on the stream's clock (None: it does not say).
-
-    The video stream's own duration, else its Matroska ``DURATION`` tag, else the container's
-    duration when the video is the file's only stream (otherwise that is the longest stream's).
-    Matroska's durations count from time 0, the others from the stream's start: for those two, the
-    earlier of both readings is taken, so that a stream starting late is never taken for a cut one."""
-    tb = stream.time_base
-    start = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
-    if stream.duration and tb:
-        return start + float(stream.duration * tb)
-    tag = _parse_hms(stream.metadata.get("DURATION")) if "DURATION" in stream.metadata else None
-    if tag:
-        return min(start + tag, max(start, tag))
-    if len(container.streams) == 1 and container.duration:
-        c_start = container.start_time / 1e6 if container.start_time is not None else start
-        length = container.duration / 1e6
-        return min(c_start + length, max(c_start, length))
-    return None
-
-
-@dataclass
-class _Probe:
-    index: _Index
-    time_base: object  # fractions.Fraction
-    fps: float | None
-    seekable: bool
-    declared_end: float | None  # seconds on the stream's clock; see _declared_end
-
-
-def _probe(src, name, deadline) -> _Probe:
-    container = _open(src, name)
-    try:
-        stream = _video_stream(container, name)
-        index = _index_packets(container, stream, name, deadline)
-        if stream.time_base is None:
-            index.pts = None  # timestamps without a unit: decode in order
-        # Read everything needed now: a stream object is not usable once its container is closed.
-        fmt = set((container.format.name or "").split(","))
-        return _Probe(index, stream.time_base, _rate(stream), bool(fmt & set(_SEEKABLE_FORMATS)),
-                      _declared_end(container, stream))
-    finally:
-        container.close()
+    sampling: Sampling = field(default_factory=Sampling)
+    frames: FramePlan = field(default_factory=FramePlan)
+    apply_rotation: bool = False
+    limits: Limits = field(default_factory=Limits.resolve)
 
 
 class _Fallback(Exception):
@@ -210,24 +45,20 @@ class _Fallback(Exception):
     that decodes to nothing): decode in order and count frames as the decoder shows them."""
 
 
-def read_video(src, select: Callable, *, size=None, resample="bilinear", apply_rotation=False, max_frames=None,
-               time_limit=None):
-    """Open, index, pick frames with ``select(total, times, duration, fps) -> indices``, decode them.
-
-    Options as :func:`pevideo.load_video`, except ``max_frames``: None means no cap here."""
-    name = _source_name(src)
-    deadline = _Deadline(_time_limit(time_limit), name)
-    frames = _Frames(name, size, resample, bool(apply_rotation), max_frames)
-    probe = _probe(src, name, deadline)
-    if probe.index.count == 0:
-        raise ValueError(f"{name}: the video has no frames")
-    if probe.index.pts is not None:
-        for seek in ((True, False) if probe.seekable else (False,)):
+def read_video(src, plan: DecodePlan):
+    """Open, index, pick frames by ``plan.sampling``, decode them; ``(frames, VideoMetadata)`` as
+    :func:`pevideo.load_video` returns them."""
+    name = source_name(src)
+    deadline = Deadline(plan.limits.time_limit, name)
+    found = probe(src, name, deadline)
+    kept = _Frames(name, plan, found)
+    if found.index.pts is not None:
+        for seek in ((True, False) if found.seekable else (False,)):
             try:
-                return _read_by_pts(src, name, probe, select, seek, frames.reset(), deadline)
+                return _read_by_pts(src, name, found, plan.sampling, seek, kept.reset(), deadline)
             except _Fallback:
                 continue
-    return _read_in_order(src, name, probe, select, frames.reset(), deadline)
+    return _read_in_order(src, name, found, plan.sampling, kept.reset(), deadline)
 
 
 def _rotation(frame) -> int:
@@ -239,15 +70,11 @@ class _Frames:
     """The decoded frames kept, keyed by frame: converted to RGB, rotated and resized as each comes out
     of the decoder, so only the kept frames, at their final size, are ever held."""
 
-    def __init__(self, name, size, resample, apply_rotation, max_frames):
-        self.name, self.apply_rotation, self.max_frames = name, apply_rotation, max_frames
-        self.size = None if size is None else _size_hw(size)
-        if resample not in ("bilinear", "bicubic"):
-            raise ValueError(f"resample must be 'bilinear' or 'bicubic', got {resample!r}")
-        self.resample = resample
+    def __init__(self, name: str, plan: DecodePlan, found: Probe):
+        self.name, self.plan, self.found = name, plan, found
 
     def reset(self) -> "_Frames":
-        self.got, self.src_size, self.rotation, self.shown = {}, None, 0, None
+        self.got, self.src_size, self.rotation, self.shown, self.count = {}, None, 0, None, 0
         return self
 
     def check_count(self, indices, total):
@@ -257,27 +84,31 @@ class _Frames:
         bad = [i for i in out if not 0 <= i < total]
         if bad:
             raise ValueError(f"{self.name}: frame indices {bad[:5]} are outside the video's {total} frames")
-        if self.max_frames is not None:
-            check_frame_cap(len(out), self.max_frames, self.name)
+        self.count = len(out)
+        if self.found.size is not None:  # before any frame is decoded, at the size the header gives
+            self._check_budget(*self.found.size)
         return out
+
+    def _check_budget(self, height, width):
+        self.plan.limits.check_frames(self.count, *self.plan.frames.out_size(height, width), self.name)
 
     def take(self, key, frame) -> None:
         if self.src_size is None:
             self.src_size, self.rotation = (frame.height, frame.width), _rotation(frame)
-            if self.apply_rotation and self.rotation % 90:
+            if self.plan.apply_rotation and self.rotation % 90:
                 raise ValueError(f"{self.name}: its rotation of {self.rotation} degrees is not a multiple of 90; "
                                  "it cannot be applied (decode with apply_rotation=False)")
+            if (frame.height, frame.width) != self.found.size:
+                self._check_budget(frame.height, frame.width)  # the header did not say, or said otherwise
         elif (frame.height, frame.width) != self.src_size:
             # The stream changed size mid-way: bring the frame to the first kept frame's size.
             frame = frame.reformat(width=self.src_size[1], height=self.src_size[0])
         arr = frame.to_ndarray(format="rgb24")
-        if self.apply_rotation and self.rotation:
+        if self.plan.apply_rotation and self.rotation:
             arr = np.ascontiguousarray(np.rot90(arr, self.rotation // 90))  # counterclockwise, as np.rot90
         if self.shown is None:
             self.shown = arr.shape[:2]
-        if self.size is not None:
-            arr = _resize(arr, self.size, self.resample)
-        self.got[key] = arr
+        self.got[key] = self.plan.frames.apply_hwc(arr)
 
     def assemble(self, indices, key_of) -> np.ndarray:
         first = self.got[key_of(indices[0])]
@@ -286,7 +117,7 @@ class _Frames:
             out[pos] = self.got[key_of(i)]  # a repeated index is one decoded frame, copied
         return out
 
-    def metadata(self, frames_indices, times, total, fps, duration, declared) -> VideoMetadata:
+    def metadata(self, frames_indices, times, total, fps, duration) -> VideoMetadata:
         return VideoMetadata(
             total_num_frames=total,
             fps=fps,
@@ -295,55 +126,46 @@ class _Frames:
             duration=duration,
             frames_indices=frames_indices,
             timestamps=[times[i] for i in frames_indices],
-            declared_num_frames=declared,
+            declared_num_frames=self.found.index.declared,
             rotation=self.rotation,
-            rotation_applied=self.apply_rotation and self.rotation != 0,
+            rotation_applied=self.plan.apply_rotation and self.rotation != 0,
+            truncated_suspect=self.found.truncated_suspect,
             source=self.name,
         )
 
 
-def _size_hw(size) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise ValueError(f"size must be (height, width), got {size!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"size must be positive, got {h}x{w}")
-    return h, w
+def _decode_error(name, exc, found: Probe):
+    import av
 
-
-def _resize(arr: np.ndarray, size, mode) -> np.ndarray:
-    """One (H, W, 3) uint8 frame resized by the processor's resize (the same op, the same values)."""
-    import torch
-
-    from .processing import resize_uint8  # here: processing imports this module
-
-    frame = torch.from_numpy(arr).permute(2, 0, 1)[None]  # (1, 3, H, W), as the processor views clips
-    return resize_uint8(frame, size, mode)[0].permute(1, 2, 0).numpy()
-
-
-def _decode_error(name, exc):
+    size = f"{found.size[1]}x{found.size[0]}" if found.size else "this size"
+    if isinstance(exc, (av.error.PatchWelcomeError, av.error.DecoderNotFoundError, av.error.NotImplementedError,
+                        av.error.ExperimentalError)):
+        return UnsupportedVideoError(
+            f"{name}: this FFmpeg cannot decode {found.codec} video at {size} ({type(exc).__name__}: {exc}); "
+            "the codec or frame size is unsupported (the file itself may well be intact): re-encode it, e.g. "
+            "to H.264 at a smaller size"
+        )
     return ValueError(f"{name}: decoding failed ({type(exc).__name__}: {exc}); the file may be damaged or truncated")
 
 
-def _read_by_pts(src, name, probe, select, seek, kept, deadline):
+def _read_by_pts(src, name, found, sampling, seek, kept, deadline):
     import av
 
-    index, tb = probe.index, probe.time_base
+    index, tb = found.index, found.time_base
     t0 = index.pts[0]
     times = [float((p - t0) * tb) for p in index.pts]
-    fps = probe.fps
+    fps = found.fps
     if fps is None and index.count > 1 and times[-1] > 0:
         fps = (index.count - 1) / times[-1]
     last = index.durations[-1]
     last_s = float(last * tb) if last > 0 else (1.0 / fps if fps else 0.0)
     duration = times[-1] + last_s
-    check_complete(name, probe.declared_end, float(t0 * tb) + duration, float(t0 * tb), fps)
-    indices = kept.check_count(select(index.count, times, duration, fps), index.count)
+    check_complete(name, found.declared_end, float(t0 * tb) + duration, float(t0 * tb), fps)
+    indices = kept.check_count(sampling.indices(index.count, fps, name), index.count)
 
     targets = sorted({index.pts[i] for i in indices})
     keyframes = index.keyframes
-    container = _open(src, name)
+    container = open_container(src, name)
     try:
         stream = container.streams.video[0]
         frames_iter = None
@@ -382,19 +204,19 @@ def _read_by_pts(src, name, probe, select, seek, kept, deadline):
             else:
                 raise _Fallback  # the stream ended before the target
     except av.error.FFmpegError as exc:
-        raise _decode_error(name, exc) from exc
+        raise _decode_error(name, exc, found) from exc
     finally:
         container.close()
 
     frames = kept.assemble(indices, lambda i: index.pts[i])
-    return frames, kept.metadata(indices, times, index.count, fps, duration, index.declared)
+    return frames, kept.metadata(indices, times, index.count, fps, duration)
 
 
-def _read_in_order(src, name, probe, select, kept, deadline):
+def _read_in_order(src, name, found, sampling, kept, deadline):
     """Frame i is the i-th frame the decoder shows: count them in a first pass, collect in a second."""
     import av
 
-    container = _open(src, name)
+    container = open_container(src, name)
     stamps = []
     try:
         stream = container.streams.video[0]
@@ -402,13 +224,13 @@ def _read_in_order(src, name, probe, select, kept, deadline):
             deadline.check()
             stamps.append(frame.time)
     except av.error.FFmpegError as exc:
-        raise _decode_error(name, exc) from exc
+        raise _decode_error(name, exc, found) from exc
     finally:
         container.close()
     total = len(stamps)
     if total == 0:
-        raise ValueError(f"{name}: the video has no decodable frames")
-    fps = probe.fps
+        raise ValueError(f"{name}: its video stream ({found.codec}) has packets but none decodes to a frame")
+    fps = found.fps
     if all(s is not None for s in stamps):
         times = [s - stamps[0] for s in stamps]
         if fps is None and total > 1 and times[-1] > 0:
@@ -419,14 +241,14 @@ def _read_in_order(src, name, probe, select, kept, deadline):
         times = None
     duration = (times[-1] + (1.0 / fps if fps else 0.0)) if times is not None else None
     if duration is not None and stamps[0] is not None:
-        check_complete(name, probe.declared_end, stamps[0] + duration, stamps[0], fps)
+        check_complete(name, found.declared_end, stamps[0] + duration, stamps[0], fps)
     if times is None:
-        times = [0.0] * total  # only fps sampling needs times, and it cannot work without a rate
+        times = [0.0] * total  # no frame times at all: only the metadata's timestamps need them
 
-    indices = kept.check_count(select(total, times, duration, fps), total)
+    indices = kept.check_count(sampling.indices(total, fps, name), total)
     wanted = set(indices)
     stop = max(wanted)
-    container = _open(src, name)
+    container = open_container(src, name)
     try:
         stream = container.streams.video[0]
         for i, frame in enumerate(container.decode(stream)):
@@ -436,7 +258,7 @@ def _read_in_order(src, name, probe, select, kept, deadline):
             if i >= stop:
                 break
     except av.error.FFmpegError as exc:
-        raise _decode_error(name, exc) from exc
+        raise _decode_error(name, exc, found) from exc
     finally:
         container.close()
     if len(kept.got) != len(wanted):
@@ -444,4 +266,4 @@ def _read_in_order(src, name, probe, select, kept, deadline):
         raise ValueError(f"{name}: the video changed between two reads (frames {missing} missing)")
 
     frames = kept.assemble(indices, lambda i: i)
-    return frames, kept.metadata(indices, times, total, fps, duration, probe.index.declared)
+    return frames, kept.metadata(indices, times, total, fps, duration)

@@ -18,10 +18,13 @@ import torch
 
 from pevideo_kernels import PATCHIFY, ROPE_ATTENTION, KernelOp, kernel_reason, patchify_normalize
 
+from .normalization import Normalization
+
 # patchify_normalize: for the processor's clip -> patch rows path (outside a model, so no Ops record).
 __all__ = ["Ops", "FUSED", "PeVideoKernelFallbackWarning", "patchify_normalize"]
 
 FUSED = "fused"
+_NO_NORM = Normalization(mean=None, std=None, rescale=1 / 255)  # the kernel's own default for uint8
 EAGER = "eager (fast=False)"
 
 
@@ -135,11 +138,11 @@ class Ops:
         op: str,
         frames: torch.Tensor,
         patch_size: int,
-        mean=None,
-        std=None,
-        rescale: float = 1 / 255,
+        norm: Normalization | None = None,
         out_dtype: torch.dtype | None = None,
         frame_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """:func:`pevideo_kernels.patchify_normalize` (same arguments), recorded under ``op``."""
-        return self._run(op, PATCHIFY, frames, patch_size, mean, std, rescale, out_dtype, frame_index)
+        """:func:`pevideo_kernels.patchify_normalize` with the :class:`~pevideo.Normalization` record
+        ``norm`` (for uint8 frames; None for float frames, already normalized), recorded under ``op``."""
+        n = (norm or _NO_NORM).as_kwargs()
+        return self._run(op, PATCHIFY, frames, patch_size, n["mean"], n["std"], n["rescale"], out_dtype, frame_index)

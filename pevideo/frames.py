@@ -1,64 +1,23 @@
-"""Clips as uint8 frame tensors, as transformers' video processor prepares them before normalizing: the
-input forms a processor takes (paths, file objects, arrays, lists of clips or frames), frame sampling,
-and torchvision's resize and crop computed with plain ``torch.nn.functional`` (no torchvision needed)."""
+"""Clips as uint8 frame tensors, as transformers' video processor takes them before resizing: the input
+forms a processor accepts (paths, file objects, arrays, lists of clips or frames), sampling of clips
+given in memory, and decoding of clips given as files (several at once)."""
 from __future__ import annotations
 
 import os
-import platform
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .video import VideoMetadata, _check_fps, _check_num_frames, _read_video, _source_name, uniform_indices, upstream_fps_indices
+from .limits import Limits
+from .metadata import VideoMetadata
+from .resize import FramePlan
+from .sampling import Sampling
+from .video import DecodePlan, read_video
 
-__all__ = ["resize_uint8", "center_crop", "split_clips", "channels_first", "as_tensor", "is_source", "sample_array",
-           "decode_sources", "size_hw", "sampling"]
-
-
-def _native_uint8_resize(mode: str, device: torch.device) -> bool:
-    """Whether torchvision resizes uint8 directly (else via float32 and rounding), as it decides."""
-    if device.type != "cpu":
-        return False
-    if mode == "bilinear":  # torchvision's rule: the uint8 kernel is only faster with these
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
-    return True
-
-
-def resize_uint8(frames: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize uint8 frames (T, C, H, W) to ``size`` = (h, w) exactly as torchvision's ``resize`` does.
-
-    Antialiased bilinear (or bicubic), align_corners=False. On CPU with AVX2/AVX512 (or ARM) the uint8
-    kernel runs directly; elsewhere (other CPUs, GPUs) in float32, rounded back to uint8. Same device,
-    same result as upstream. Returns uint8 (T, C, h, w); the input itself when the size already matches.
-    """
-    if tuple(frames.shape[-2:]) == tuple(size):
-        return frames
-    if _native_uint8_resize(mode, frames.device):
-        return F.interpolate(frames, size=list(size), mode=mode, align_corners=False, antialias=True)
-    x = F.interpolate(frames.to(torch.float32), size=list(size), mode=mode, align_corners=False, antialias=True)
-    if mode == "bicubic":
-        x = x.clamp_(0, 255)  # bicubic overshoots; bilinear's weights are all positive
-    return x.round_().to(torch.uint8)
-
-
-def center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """transformers' center crop on (T, C, H, W): zero-pad if smaller, then crop at int((H − h)/2)."""
-    ch, cw = size
-    h, w = frames.shape[-2:]
-    if ch > h or cw > w:
-        pad_w = (cw - w) if cw > w else 0
-        pad_h = (ch - h) if ch > h else 0
-        frames = F.pad(frames, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
-        h, w = frames.shape[-2:]
-        if (ch, cw) == (h, w):
-            return frames
-    top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
-    return frames[..., top : top + ch, left : left + cw]
-
+__all__ = ["split_clips", "channels_first", "as_tensor", "is_source", "sample_array", "decode_sources"]
 
 
 def _is_array(x):
@@ -172,92 +131,47 @@ def _meta_get(meta, key):
     return getattr(meta, key, None)
 
 
-
-def decode_sources(items, sampling) -> dict:
-    """Decode the clips given as files, several at once (PyAV releases the GIL while decoding)."""
+def decode_sources(items, plan: DecodePlan) -> dict:
+    """Decode the clips given as files (``{position: (frames, metadata)}``), several at once (PyAV
+    releases the GIL while decoding)."""
     jobs = {i: item for i, item in enumerate(items) if is_source(item)}
-
-    def work(item):
-        return _read_video(item, _selector(sampling, _source_name(item)))
-
     workers = min(len(jobs), os.cpu_count() or 1, 8)
     # File objects are read one at a time (the same object may appear twice); paths in parallel.
     if workers <= 1 or not all(isinstance(item, (str, os.PathLike)) for item in jobs.values()):
-        return {i: work(item) for i, item in jobs.items()}
+        return {i: read_video(item, plan) for i, item in jobs.items()}
     with ThreadPoolExecutor(workers) as pool:
-        return dict(zip(jobs, pool.map(work, jobs.values())))
+        return dict(zip(jobs, pool.map(lambda item: read_video(item, plan), jobs.values())))
 
 
-def size_hw(size, default_to_square=True):
-    if size is None:
-        raise ValueError("do_resize needs size, e.g. {'height': 336, 'width': 336}")
-    if isinstance(size, int) and not isinstance(size, bool):
-        if not default_to_square:
-            raise NotImplementedError("size as a shortest edge (default_to_square=False) is not supported")
-        h = w = size
-    elif isinstance(size, (list, tuple)) and len(size) == 2:
-        h, w = size
-    elif isinstance(size, Mapping) and "height" in size and "width" in size:
-        h, w = size["height"], size["width"]
-    else:
-        raise NotImplementedError(f"size={size!r}: only a fixed height and width (PE Video's) is supported")
-    h, w = int(h), int(w)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"size must be positive, got {h}x{w}")
-    return h, w
-
-
-def _selector(sampling, name):
-    def select(total, times, duration, src_fps):
-        if sampling is None:
-            return list(range(total))
-        kind, v = sampling
-        if kind == "n":
-            return uniform_indices(total, v)
-        return upstream_fps_indices(total, src_fps, v, name)
-
-    return select
-
-
-def sample_array(clip, sampling, meta, i):
+def sample_array(clip: torch.Tensor, sampling: Sampling, meta, i: int, plan: FramePlan, limits: Limits):
+    """Frames of an in-memory clip (T, C, H, W) picked by ``sampling`` (the source fps from ``meta``),
+    checked against the memory budget at the sizes they will be held (picked, then through ``plan``)
+    before anything is allocated. Returns ``(clip, VideoMetadata)``."""
     total = clip.shape[0]
+    name = f"video {i}"
     declared = _meta_get(meta, "total_num_frames")
     if declared is not None and int(declared) != total:
         raise ValueError(
-            f"video {i}: video_metadata says {declared} frames but the clip has {total}; "
+            f"{name}: video_metadata says {declared} frames but the clip has {total}; "
             "give the metadata of the frames passed"
         )
     src_fps = _meta_get(meta, "fps")
     src_fps = float(src_fps) if src_fps else None
-    if sampling is None:
-        indices = list(range(total))
-    elif sampling[0] == "n":
-        indices = uniform_indices(total, sampling[1])
-    else:
-        indices = upstream_fps_indices(total, src_fps, sampling[1], f"video {i}")
+    indices = sampling.indices(total, src_fps, name)
+    h, w = clip.shape[2], clip.shape[3]
+    limits.check_frames(len(indices), *plan.out_size(h, w), name)
     if indices != list(range(total)):
+        limits.check_frames(len(indices), h, w, name)
         clip = clip[torch.tensor(indices, dtype=torch.long, device=clip.device)]
     meta_out = VideoMetadata(
         total_num_frames=total,
         fps=src_fps,
-        width=int(clip.shape[3]),
-        height=int(clip.shape[2]),
+        width=int(w),
+        height=int(h),
         duration=(total / src_fps) if src_fps else None,
         frames_indices=indices,
         timestamps=[j / src_fps for j in indices] if src_fps else [],
-        source=f"video {i}",
+        source=name,
         video_backend="array",
     )
     return clip, meta_out
-
-
-def sampling(num_frames=None, fps=None):
-    """The one rule for a call's ``num_frames`` / ``fps``: ``("n", n)``, ``("fps", f)`` or None (neither
-    given). Refuses both at once, and values that are not a positive int / a positive finite number."""
-    if num_frames is not None and fps is not None:
-        raise ValueError("give num_frames or fps, not both")
-    if num_frames is not None:
-        return ("n", _check_num_frames(num_frames))
-    if fps is not None:
-        return ("fps", _check_fps(fps))
-    return None

@@ -246,7 +246,7 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
     def dtype(self) -> torch.dtype:
         return self.output.weight.dtype
 
-    def encode_frames(self, pixels: torch.Tensor, frame_index: torch.Tensor | None, norm: dict | None = None) -> torch.Tensor:
+    def encode_frames(self, pixels: torch.Tensor, frame_index: torch.Tensor | None, norm: Normalization | None = None) -> torch.Tensor:
         """Frame encoder on ``pixels`` (N, 3, S, S) float, or (N, S, S, 3) uint8 with ``norm``, at
         ``frame_index`` (F,): returns the (F, hidden) inputs of the temporal transformer."""
         vit = self.vit
@@ -328,7 +328,7 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         check_uint8_videos(videos, self.vit.args.img_size)
         b, t = videos.shape[:2]
         mask, real = check_mask(padding_mask_videos, b, t, videos.device)
-        return self._run(videos.reshape(b * t, *videos.shape[2:]), b, t, mask, real, norm.as_kwargs())
+        return self._run(videos.reshape(b * t, *videos.shape[2:]), b, t, mask, real, norm)
 
 
 class ContrastiveHead(nn.Module):

@@ -6,9 +6,10 @@ antialiased bilinear on uint8 (the same ``torch.nn.functional.interpolate`` call
 no torchvision is needed), then ``(x − mean·255) / (std·255)`` in float32 as transformers' fused
 rescale+normalize computes it. Where it differs, it is on purpose (see the class docstring).
 
-:class:`PeVideoProcessor` pairs it with the checkpoint's tokenizer. The frame-level steps (input forms,
-sampling, resize, crop) are in :mod:`pevideo.frames`; config files and tokenizers in
-:mod:`pevideo.processor_files`.
+:class:`PeVideoProcessor` pairs it with the checkpoint's tokenizer. The settings are resolved once into
+a :class:`~pevideo.processor_settings.ProcessorSettings` record; input forms are in :mod:`pevideo.frames`,
+sampling in :mod:`pevideo.sampling`, resize and crop in :mod:`pevideo.resize`, config files and tokenizers
+in :mod:`pevideo.processor_files`.
 """
 from __future__ import annotations
 
@@ -18,17 +19,12 @@ import warnings
 
 import torch
 
-from .frames import (
-    as_tensor,
-    center_crop,
-    channels_first,
-    decode_sources,
-    resize_uint8,
-    sample_array,
-    size_hw,
-    sampling,
-    split_clips,
-)
+from pevideo_kernels.patchify import normalize_uint8
+
+from .dispatch import patchify_normalize
+from .frames import as_tensor, channels_first, decode_sources, sample_array, split_clips
+from .limits import Limits
+from .normalization import Normalization
 from .processor_files import (
     VIDEO_PROCESSOR_NAME,
     NoProcessorConfig,
@@ -36,14 +32,12 @@ from .processor_files import (
     load_tokenizer,
     load_video_config,
 )
-from .normalization import Normalization
+from .processor_settings import SETTING_KEYS, ProcessorSettings
+from .resize import FramePlan
+from .video import DecodePlan
 
-__all__ = ["PeVideoVideoProcessor", "PeVideoProcessor", "Normalization", "sampling", "checkpoint_frame_size",
+__all__ = ["PeVideoVideoProcessor", "PeVideoProcessor", "Normalization", "ProcessorSettings", "checkpoint_frame_size",
            "load_tokenizer"]
-
-# PIL resampling codes, as preprocessor configs store them.
-_RESAMPLE = {2: "bilinear", 3: "bicubic"}
-_RESAMPLE_NAMES = {"bilinear": 2, "bicubic": 3}
 
 # Per-call options; anything else is refused rather than silently ignored.
 _CALL_KWARGS = frozenset(
@@ -91,11 +85,14 @@ class PeVideoVideoProcessor:
     or a list of clips (of different lengths and sizes). Grayscale (1 channel) frames are repeated to
     RGB when ``do_convert_rgb``; other channel counts and non-uint8 frames raise ValueError.
 
-    Sampling follows upstream: ``num_frames=n`` takes ``int(i·(N−1)/(n−1))`` (n = 1 takes frame 0,
-    where upstream divides by zero), ``fps=f`` takes ``max(1, int(N/src_fps·f))`` frames at
-    ``i·N // n`` (the source fps comes from the file, or from ``video_metadata`` for arrays). Deliberate
-    differences: ``num_frames``/``fps`` given in the call always sample (upstream ignores them unless
-    the config sets ``do_sample_frames``), and a call's ``fps`` wins over a config's ``num_frames``.
+    Sampling follows upstream (:mod:`pevideo.sampling`, the rule ``load_video`` and ``pevideo embed``
+    use too): ``num_frames=n`` takes ``int(i·(N−1)/(n−1))`` (n = 1 takes frame 0, where upstream
+    divides by zero), ``fps=f`` takes ``max(1, int(N/src_fps·f))`` frames at ``i·N // n`` (the source
+    fps comes from the file, or from ``video_metadata`` for arrays; above the clip's own rate, every
+    frame once, where upstream raises). Deliberate differences: ``num_frames``/``fps`` given in the call
+    always sample (upstream ignores them unless the config sets ``do_sample_frames``), and a call's
+    ``fps`` wins over a config's ``num_frames``. A clip's frames may take at most the memory budget
+    (``PEVIDEO_MAX_VIDEO_BYTES``, default 4 GiB), checked before they are made.
 
     With ``return_tensors`` ("pt" or "np") the result holds ``pixel_values_videos`` (B, T_max, 3, h, w)
     float32 (padded frames are 0) and always ``padding_mask_videos`` (B, T_max) bool, True for real
@@ -145,7 +142,7 @@ class PeVideoVideoProcessor:
         self.crop_size = crop_size
         self.default_to_square = default_to_square
         self.return_metadata = return_metadata
-        self._settings({})  # validate now, not at the first call
+        self.settings  # resolve (and so check) now, not at the first call
 
     # ---- configuration -------------------------------------------------------------------------
     @classmethod
@@ -187,7 +184,7 @@ class PeVideoVideoProcessor:
             n = proc.normalization
             warnings.warn(
                 f"{why}; assuming PE Video's preprocessing: resize to {proc.output_size[0]}x{proc.output_size[1]} "
-                f"(the model's frame size), {_RESAMPLE[proc.resample]} with antialias, rescale 1/255, "
+                f"(the model's frame size), {proc.settings.frame_plan.mode} with antialias, rescale 1/255, "
                 f"mean {list(n.mean)}, std {list(n.std)}. Write the real settings next to the checkpoint "
                 "with processor.save_pretrained(path) (see README: Your own or an offline checkpoint)",
                 stacklevel=3,
@@ -211,83 +208,54 @@ class PeVideoVideoProcessor:
     def __repr__(self):
         return f"{type(self).__name__} {json.dumps(self.to_dict(), indent=2, sort_keys=True)}"
 
-    def _settings(self, kw) -> dict:
-        """Merge call options over the config and check them; returns the resolved settings."""
-        get = lambda k: kw[k] if kw.get(k) is not None else getattr(self, k)  # noqa: E731
-        s = {}
-        s["do_resize"] = bool(get("do_resize"))
-        s["size"] = size_hw(get("size"), get("default_to_square")) if s["do_resize"] else None
-        resample = get("resample")
-        if hasattr(resample, "value"):  # PILImageResampling / InterpolationMode enums
-            resample = resample.value
-        if isinstance(resample, str):
-            resample = _RESAMPLE_NAMES.get(resample.lower(), resample)
-        if resample not in _RESAMPLE:
-            raise NotImplementedError(
-                f"resample={resample!r} is not supported; PE Video uses bilinear (2); bicubic (3) also works"
-            )
-        s["mode"] = _RESAMPLE[resample]
-        s["do_rescale"] = bool(get("do_rescale"))
-        s["rescale_factor"] = get("rescale_factor")
-        s["do_normalize"] = bool(get("do_normalize"))
-        # Checked once, by the record the model takes too; only the settings in use are checked.
-        s["norm"] = norm = Normalization(
-            mean=get("image_mean") if s["do_normalize"] else 0.0,
-            std=get("image_std") if s["do_normalize"] else 1.0,
-            rescale=s["rescale_factor"] if s["do_rescale"] else 1.0,
-        )
-        if s["do_normalize"]:
-            s["mean"], s["std"] = list(norm.mean), list(norm.std)
-        s["do_convert_rgb"] = bool(get("do_convert_rgb"))
-        s["crop"] = size_hw(get("crop_size"), True) if get("do_center_crop") else None
-        if get("do_center_crop") and s["crop"] is None:
-            raise ValueError("do_center_crop needs crop_size")
-        fmt = kw.get("data_format")
-        fmt = fmt.value if hasattr(fmt, "value") else fmt
-        if fmt not in (None, "channels_first"):
-            raise NotImplementedError(f"data_format={fmt!r}: outputs are channels-first (B, T, 3, H, W)")
+    def __setattr__(self, key, value):
+        super().__setattr__(key, value)
+        if key in _CONFIG_KEYS:
+            self.__dict__.pop("_settings", None)  # a setting changed: resolve again when next needed
+
+    @property
+    def settings(self) -> ProcessorSettings:
+        """This processor's configuration, resolved and checked once (again only after a setting is
+        assigned): the :class:`ProcessorSettings` record every call without overrides uses."""
+        s = self.__dict__.get("_settings")
+        if s is None:
+            s = ProcessorSettings.resolve(lambda k: getattr(self, k, None))
+            self.__dict__["_settings"] = s
         return s
 
-    def _sampling(self, kw):
-        """('n', n), ('fps', f) or None, from the call's and the config's options."""
-        dsf = kw.get("do_sample_frames")
-        rule = sampling(kw.get("num_frames"), kw.get("fps"))
-        if dsf is False and rule is not None:
-            raise ValueError("do_sample_frames=False contradicts the num_frames/fps given")
-        if rule is None and (dsf if dsf is not None else self.do_sample_frames):
-            # upstream's order: the config's num_frames, else its fps
-            rule = sampling(self.num_frames or None, None) or sampling(None, self.fps or None)
-        return rule
+    def _call_settings(self, kw) -> ProcessorSettings:
+        """The record for one call: this processor's, or one of its own when the call overrides a setting."""
+        if not any(kw.get(k) is not None for k in SETTING_KEYS):
+            return self.settings
+        return ProcessorSettings.resolve(lambda k: kw[k] if kw.get(k) is not None else getattr(self, k, None))
 
     @property
     def normalization(self) -> Normalization:
         """This processor's rescale + normalize, as a :class:`Normalization` (what
         :meth:`pevideo.PeVideoModel.get_video_features_uint8` takes)."""
-        return self._settings({})["norm"]
+        return self.settings.normalization
 
     @property
     def output_size(self) -> tuple[int, int] | None:
         """(height, width) of the frames this processor makes (after resize and crop), or None when
         it keeps the input's size (no resize, no crop)."""
-        s = self._settings({})
-        return s["crop"] or s["size"]
+        return self.settings.output_size
 
     @property
-    def resize_settings(self) -> tuple[tuple[int, int] | None, str]:
-        """(size before any crop, or None without resize; resample mode): how this processor resizes,
-        so a decoder can resize each frame as it is decoded (:func:`pevideo.load_video`'s ``size`` /
-        ``resample``) with the same result."""
-        s = self._settings({})
-        return s["size"], s["mode"]
+    def frame_plan(self) -> FramePlan:
+        """How this processor resizes and crops frames, so a decoder can do it to each frame as it is
+        decoded (:func:`pevideo.load_video`'s ``size`` / ``resample``) with the same result."""
+        return self.settings.frame_plan
 
     def resize_frames(self, frames) -> torch.Tensor:
         """One clip's uint8 frames (T, H, W, 3) to uint8 (T, h, w, 3): this processor's RGB conversion,
         resize and crop, without sampling or normalizing (pair it with :attr:`normalization` for
         :meth:`pevideo.PeVideoModel.get_video_features_uint8`). A channels-last view of the resized
         frames, not a copy."""
-        s = self._settings({})
-        clips, _ = self._load(frames, {"do_sample_frames": False, "input_data_format": "channels_last"}, s)
-        return clips[0].permute(0, 2, 3, 1)
+        s = self.settings
+        clip = self._rgb(channels_first(as_tensor(frames), 0, "channels_last"), 0, s)
+        Limits.resolve().check_frames(clip.shape[0], *s.frame_plan.out_size(*clip.shape[2:]), "video 0")
+        return s.frame_plan.apply(clip).permute(0, 2, 3, 1)
 
     # ---- the pipeline --------------------------------------------------------------------------
     def __call__(self, videos, **kwargs):
@@ -302,23 +270,21 @@ class PeVideoVideoProcessor:
         ``device`` (process there: resize and normalize on the GPU), ``input_data_format``, and the
         config's ``size``, ``resample``, ``do_resize``, ``do_rescale``, ``rescale_factor``,
         ``do_normalize``, ``image_mean``, ``image_std``, ``do_convert_rgb``, ``do_center_crop``,
-        ``crop_size``.
+        ``crop_size``. The frames a clip holds may take at most the memory budget of
+        :class:`pevideo.limits.Limits` (``PEVIDEO_MAX_VIDEO_BYTES``), checked before they are made.
         """
         from transformers import BatchFeature
 
         unknown = set(kwargs) - _CALL_KWARGS
         if unknown:
             raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(_CALL_KWARGS)}")
-        s = self._settings(kwargs)
+        s = self._call_settings(kwargs)
         return_tensors = kwargs.get("return_tensors")
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         clips, metas = self._load(videos, kwargs, s)
 
-        if s["do_normalize"] or s["do_rescale"]:
-            out_dtype = torch.float32
-        else:
-            out_dtype = torch.uint8  # upstream leaves frames as they are
+        out_dtype = torch.float32 if s.normalizes else torch.uint8  # upstream leaves frames as they are
         device = clips[0].device
         if return_tensors is None:
             pixel_values = []
@@ -357,8 +323,6 @@ class PeVideoVideoProcessor:
         in order, features ordered (c, kh, kw); lengths (B,) int64, frames per clip. Takes the same
         options as :meth:`preprocess` (except return_tensors).
         """
-        from .dispatch import patchify_normalize
-
         if "return_tensors" in kwargs:
             raise ValueError("to_patches returns tensors; return_tensors does not apply")
         if device is not None:
@@ -366,38 +330,39 @@ class PeVideoVideoProcessor:
         unknown = set(kwargs) - _CALL_KWARGS
         if unknown:
             raise ValueError(f"unknown options {sorted(unknown)}")
-        s = self._settings(kwargs)
+        s = self._call_settings(kwargs)
         clips, _ = self._load(videos, kwargs, s)
         shapes = {tuple(c.shape[1:]) for c in clips}
         if len(shapes) != 1:
             raise ValueError(f"clips end up with different frame sizes {sorted(shapes)}; set size (do_resize) to batch them")
         frames = clips[0] if len(clips) == 1 else torch.cat(clips)
-        mean = std = None
-        rescale = s["rescale_factor"] if s["do_rescale"] else 1.0
-        if s["do_normalize"]:
-            mean, std = s["mean"], s["std"]
-        patches = patchify_normalize(frames.permute(0, 2, 3, 1), patch_size, mean, std, rescale, out_dtype)
+        patches = patchify_normalize(frames.permute(0, 2, 3, 1), patch_size, **s.normalization.as_kwargs(),
+                                     out_dtype=out_dtype)
         lengths = torch.tensor([c.shape[0] for c in clips], dtype=torch.int64, device=frames.device)
         return patches, lengths
 
-    def _normalize_into(self, out, clip, s):
-        """Write the normalized clip into ``out``: the float32 ops of transformers' fused path."""
-        if s["do_normalize"]:
-            m = torch.tensor(s["mean"], dtype=torch.float32, device=out.device)
-            d = torch.tensor(s["std"], dtype=torch.float32, device=out.device)
-            if s["do_rescale"]:  # upstream folds the rescale into mean and std
-                m, d = m * (1.0 / s["rescale_factor"]), d * (1.0 / s["rescale_factor"])
-            torch.sub(clip, m[:, None, None], out=out)
-            out.div_(d[:, None, None])
-        elif s["do_rescale"]:
-            out.copy_(clip)
-            out.mul_(s["rescale_factor"])
+    @staticmethod
+    def _normalize_into(out, clip, s: ProcessorSettings):
+        """Write the clip into ``out``: normalized (the float32 ops of transformers' fused path, by the one
+        uint8 normalize function), or as it is when the processor neither rescales nor normalizes."""
+        if s.normalizes:
+            normalize_uint8(clip, **s.normalization.as_kwargs(), out=out)
         else:
             out.copy_(clip)
 
-    def _load(self, videos, kw, s):
-        """Clips as uint8 (T, 3, h, w) tensors on the target device, sampled, resized, cropped."""
-        sampling = self._sampling(kw)
+    @staticmethod
+    def _rgb(clip, i, s: ProcessorSettings):
+        if clip.shape[1] == 1:
+            if not s.do_convert_rgb:
+                raise ValueError(f"video {i} is grayscale; set do_convert_rgb=True to repeat it to RGB")
+            clip = clip.expand(-1, 3, -1, -1)
+        return clip
+
+    def _load(self, videos, kw, s: ProcessorSettings):
+        """Clips as uint8 (T, 3, h, w) tensors on the target device, sampled, resized, cropped. Files are
+        decoded with the frame plan applied to each frame (on CPU; on another device, whole clips are
+        resized there); every clip is checked against the memory budget before its frames are made."""
+        sampling = s.call_sampling(kw.get("num_frames"), kw.get("fps"), kw.get("do_sample_frames"))
         items = split_clips(videos)
         metadata = kw.get("video_metadata")
         if metadata is not None and not isinstance(metadata, (list, tuple)):
@@ -405,27 +370,27 @@ class PeVideoVideoProcessor:
         if metadata is not None and len(metadata) != len(items):
             raise ValueError(f"got {len(items)} videos but {len(metadata)} video_metadata entries; give one per video")
         device = kw.get("device")
-        decoded = decode_sources(items, sampling)
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        limits = Limits.resolve()
+        plan = s.frame_plan
+        decoded = decode_sources(items, DecodePlan(sampling, plan if on_cpu else FramePlan(), False, limits))
         clips, metas = [], []
         for i, item in enumerate(items):
             if i in decoded:
                 frames, meta = decoded[i]
                 clip = torch.from_numpy(frames).permute(0, 3, 1, 2)
+                if on_cpu:  # resized and cropped as each frame was decoded
+                    clips.append(clip)
+                    metas.append(meta)
+                    continue
+                limits.check_frames(clip.shape[0], *plan.out_size(*clip.shape[2:]), meta.source)
             else:
                 clip = channels_first(as_tensor(item), i, kw.get("input_data_format"))
                 meta_in = metadata[i] if metadata is not None else None
-                clip, meta = sample_array(clip, sampling, meta_in, i)
+                clip, meta = sample_array(clip, sampling, meta_in, i, plan, limits)
             if device is not None:
                 clip = clip.to(device)
-            if clip.shape[1] == 1:
-                if not s["do_convert_rgb"]:
-                    raise ValueError(f"video {i} is grayscale; set do_convert_rgb=True to repeat it to RGB")
-                clip = clip.expand(-1, 3, -1, -1)
-            if s["size"] is not None:
-                clip = resize_uint8(clip, s["size"], s["mode"])
-            if s["crop"] is not None:
-                clip = center_crop(clip, s["crop"])
-            clips.append(clip)
+            clips.append(plan.apply(self._rgb(clip, i, s)))
             metas.append(meta)
         return clips, metas
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from .config import checkpoint_config_dict, load_config_dict, vit_args
+
 __all__ = ["checkpoint_frame_size", "load_tokenizer", "load_video_config", "NoProcessorConfig"]
 
 VIDEO_PROCESSOR_NAME = "video_preprocessor_config.json"
@@ -19,8 +21,6 @@ class NoProcessorConfig(OSError):
 def checkpoint_frame_size(path) -> tuple[int, int] | None:
     """The frame size (h, w) a local checkpoint folder's ``config.json`` gives its frame encoder, without
     loading the model; None when ``path`` is not a local folder with a config.json."""
-    from .config import checkpoint_config_dict, load_config_dict, vit_args
-
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         return None

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .config import VitArgs
 from .dispatch import Ops
+from .normalization import Normalization
 from .rope import pe_core_rope_2d
 
 __all__ = ["PeCoreViT", "VisionModel"]
@@ -124,7 +125,7 @@ class PeCoreViT(nn.Module):
     """timm's ``Eva`` as configured by ``vit_pe_core_*``: same parameter names and shapes.
 
     ``forward(pixels, frame_index, norm)``: ``pixels`` (N, 3, H, W) float (normalized), or (N, H, W, 3)
-    uint8 with ``norm = dict(mean=..., std=..., rescale=...)``; ``frame_index`` (F,) int64 or None picks
+    uint8 with ``norm`` a :class:`~pevideo.Normalization`; ``frame_index`` (F,) int64 or None picks
     the frames to encode (padded frames are never touched). Returns logits (F, num_classes).
     """
 
@@ -178,7 +179,7 @@ class PeCoreViT(nn.Module):
             self._rope_cache[key] = hit
         return hit
 
-    def embed_patches(self, pixels: torch.Tensor, frame_index: torch.Tensor | None, norm: dict | None = None) -> torch.Tensor:
+    def embed_patches(self, pixels: torch.Tensor, frame_index: torch.Tensor | None, norm: Normalization | None = None) -> torch.Tensor:
         """Patch embedding as patchify (+ normalize, for uint8 frames) then one GEMM: (F, P, D)."""
         a = self.args
         w = self.patch_embed.proj.weight  # (D, 3, p, p) -> GEMM over (c, kh, kw) patch rows
@@ -187,10 +188,10 @@ class PeCoreViT(nn.Module):
             # img_size not a multiple of the patch: timm's stride-p conv never reads the trailing pixels;
             # pass a view cropped to the grid (no copy; patchify reads any strides).
             pixels = pixels[:, :h, :wd] if pixels.dtype == torch.uint8 else pixels[..., :h, :wd]
-        rows = self._ops.patchify("patchify", pixels, a.patch_size, out_dtype=w.dtype, frame_index=frame_index, **(norm or {}))
+        rows = self._ops.patchify("patchify", pixels, a.patch_size, norm, out_dtype=w.dtype, frame_index=frame_index)
         return rows @ w.view(w.shape[0], -1).t()
 
-    def forward_features(self, pixels: torch.Tensor, frame_index: torch.Tensor | None = None, norm: dict | None = None) -> torch.Tensor:
+    def forward_features(self, pixels: torch.Tensor, frame_index: torch.Tensor | None = None, norm: Normalization | None = None) -> torch.Tensor:
         x = self.embed_patches(pixels, frame_index, norm)  # (F, P, D)
         n = x.shape[0]
         if self.cls_token is not None:
@@ -201,7 +202,7 @@ class PeCoreViT(nn.Module):
             x = blk(x, rope, self.block_fns)
         return self.norm(x)
 
-    def forward(self, pixels: torch.Tensor, frame_index: torch.Tensor | None = None, norm: dict | None = None) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, frame_index: torch.Tensor | None = None, norm: Normalization | None = None) -> torch.Tensor:
         return self.head(self.attn_pool(self.forward_features(pixels, frame_index, norm)))
 
 

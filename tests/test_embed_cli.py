@@ -303,6 +303,6 @@ def test_workers_fork_with_pyav_already_imported():
 
     code = ("import sys; from pevideo.embed.workers import ClipDataset; "
             "from pevideo.processing import PeVideoVideoProcessor; assert 'av' not in sys.modules; "
-            "ClipDataset([], PeVideoVideoProcessor(), 4, None); assert 'av' in sys.modules")
+            "from pevideo.sampling import Sampling; ClipDataset([], PeVideoVideoProcessor(), Sampling(4)); assert 'av' in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

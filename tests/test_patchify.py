@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pevideo.dispatch import Ops
+from pevideo.normalization import Normalization
 from pevideo_kernels import patchify_normalize, patchify_normalize_ref, patchify_unsupported_reason
 from pevideo_kernels.patchify import KERNEL_MISSING
 from pevideo_kernels.testing import poison_outputs
@@ -234,7 +235,7 @@ def test_ops_checks_frame_index_values_like_the_public_function():
     x = _frames(torch.uint8, 2, 28, 28)
     ops = Ops(fast=True)
     with pytest.raises(IndexError):
-        ops.patchify("patchify", x, 14, MEAN, STD, frame_index=torch.tensor([0, 2]))
+        ops.patchify("patchify", x, 14, Normalization(MEAN, STD), frame_index=torch.tensor([0, 2]))
     assert "frame_index values must be in [0, 2)" in ops.report["patchify"]
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "patchify_normalize",
     "patchify_normalize_ref",
     "patchify_normalize_fused",
+    "normalize_uint8",
     "patchify_check_args",
     "patchify_unsupported_reason",
     "PATCHIFY",
@@ -121,6 +122,22 @@ def _check_index_values(frames, frame_index):
         torch._assert_async(((frame_index >= 0) & (frame_index < n)).all(), f"frame_index values must be in [0, {n})")
 
 
+def normalize_uint8(frames: torch.Tensor, mean=None, std=None, rescale: float = 1 / 255,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 frames, channels first (..., 3, H, W), to float32 as transformers' fused rescale+normalize
+    computes them: ``(x − mean_c/rescale) / (std_c/rescale)`` with mean/std, else ``x·rescale``. The one
+    definition of the uint8 normalization: the reference below and pevideo's processor both call it
+    (the kernel takes the same constants from :func:`_affine`). ``out``: float32, same shape, written."""
+    scale, shift, div, normalize = _affine(frames, mean, std, rescale)
+    if out is None:
+        out = torch.empty(frames.shape, dtype=torch.float32, device=frames.device)
+    if normalize:
+        torch.sub(frames, shift.to(frames.device)[:, None, None], out=out)
+        return out.div_(div.to(frames.device)[:, None, None])
+    out.copy_(frames)
+    return out.mul_(scale) if scale != 1.0 else out
+
+
 def patchify_normalize_ref(
     frames: torch.Tensor,
     patch_size: int,
@@ -132,15 +149,13 @@ def patchify_normalize_ref(
 ) -> torch.Tensor:
     """Plain PyTorch :func:`patchify_normalize` (same arguments and result)."""
     x = frames if frame_index is None else frames.index_select(0, frame_index.to(torch.long))
-    is_u8 = x.dtype == torch.uint8
-    scale, shift, div, normalize = _affine(x, mean, std, rescale)
-    if is_u8:
-        x = x.permute(0, 3, 1, 2)
-    x = x.to(torch.float32)
-    if normalize:
-        x = (x - shift.to(x.device)[:, None, None]) / div.to(x.device)[:, None, None]
-    elif scale != 1.0:
-        x = x * scale
+    if x.dtype == torch.uint8:
+        x = normalize_uint8(x.permute(0, 3, 1, 2), mean, std, rescale)
+    else:
+        _, shift, div, normalize = _affine(x, mean, std, rescale)
+        x = x.to(torch.float32)
+        if normalize:
+            x = (x - shift.to(x.device)[:, None, None]) / div.to(x.device)[:, None, None]
     n, c, h, w = x.shape
     p = patch_size
     x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)

@@ -74,10 +74,10 @@ def embed_videos(
     them (not L2-normalized, like upstream's), and ``pooled`` (H,) when asked for.
     """
     # Not a generator itself: bad arguments and a missing checkpoint raise here, not at the first next().
-    num_frames, fps = check_sampling(num_frames, fps)
+    sampling = check_sampling(num_frames, fps)
     paths = expand_inputs(videos)
-    session = open_session(model, processor, device=device, dtype=dtype, fast=fast)
-    return run_clips(paths, range(len(paths)), session.model(), session.processor, num_frames=num_frames, fps=fps,
+    session = open_session(model, processor, device=device, dtype=dtype, fast=fast, sampling=sampling)
+    return run_clips(paths, range(len(paths)), session.model(), session.processor, sampling=sampling,
                      batch_size=batch_size, num_workers=num_workers, pooled=pooled,
                      stats=stats if stats is not None else PipelineStats(), progress=progress,
                      apply_rotation=apply_rotation)
@@ -134,9 +134,9 @@ def classify_videos(
     :func:`pevideo.processing.load_tokenizer` for where one comes from. Other arguments as
     :func:`embed_videos`.
     """
-    num_frames, fps = check_sampling(num_frames, fps)
+    sampling = check_sampling(num_frames, fps)
     paths = expand_inputs(videos)
-    session = open_session(model, processor, device=device, dtype=dtype, fast=fast)
+    session = open_session(model, processor, device=device, dtype=dtype, fast=fast, sampling=sampling)
     if tokenizer is None:
         if session.checkpoint is None:
             raise ValueError("classify_videos needs tokenizer= for a model that has no checkpoint folder")
@@ -145,7 +145,7 @@ def classify_videos(
     text = text_embeddings(model, tokenizer, labels)
     scale = float(model.text_video_logit_scale.float().item())
     bias = float(model.text_video_logit_bias.float().item())
-    results = run_clips(paths, range(len(paths)), model, processor, num_frames=num_frames, fps=fps,
+    results = run_clips(paths, range(len(paths)), model, processor, sampling=sampling,
                         batch_size=batch_size, num_workers=num_workers, pooled=False,
                         stats=stats if stats is not None else PipelineStats(), progress=progress,
                         apply_rotation=apply_rotation)
@@ -236,7 +236,7 @@ def embed_to_file(
     :class:`EmbedSummary`; ``summary.exit_status`` is 1 when any video failed.
     """
     check_out(out)
-    num_frames, fps = check_sampling(num_frames, fps)
+    sampling = check_sampling(num_frames, fps)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     paths = expand_inputs(inputs)
@@ -246,7 +246,7 @@ def embed_to_file(
         if size > MAX_HEADER_JSON:
             raise ValueError(f"{len(paths)} paths are too many for one safetensors file's header; give a folder as "
                              "the output (no .safetensors suffix) to keep the shards")
-    session = open_session(model, processor, device=device, dtype=dtype, fast=fast)
+    session = open_session(model, processor, device=device, dtype=dtype, fast=fast, sampling=sampling)
     dist = Dist(session.device)
     lock = output_lock(layout)
     try:
@@ -254,7 +254,8 @@ def embed_to_file(
         if not session.loaded:
             session.device = dist.device  # under torchrun: this rank's GPU
         # apply_rotation recorded only when on, so that earlier runs' outputs keep their fingerprint
-        fp = fingerprint(paths, model_id(session.source), session.processor, num_frames, fps, session.dtype, pooled,
+        fp = fingerprint(paths, model_id(session.source), session.processor, sampling.num_frames, sampling.fps,
+                         session.dtype, pooled,
                          shard_size, fast=session.fast, **({"apply_rotation": True} if apply_rotation else {}))
         fp_sha = sha256(json.dumps(fp, sort_keys=True).encode())
         num_shards = math.ceil(len(paths) / shard_size)
@@ -269,7 +270,7 @@ def embed_to_file(
         stats = PipelineStats()
         if todo:
             _encode_shards(paths, todo, layout, session.model(), session.processor, fp_sha, shard_size=shard_size,
-                           num_frames=num_frames, fps=fps, batch_size=batch_size, num_workers=num_workers,
+                           sampling=sampling, batch_size=batch_size, num_workers=num_workers,
                            pooled=pooled, stats=stats, progress=progress if dist.rank == 0 else False,
                            on_error=on_error, on_shard=on_shard, apply_rotation=apply_rotation)
         # Also the barrier: after it, every rank's shards are on disk.
@@ -284,12 +285,12 @@ def embed_to_file(
         dist.close()
 
 
-def _encode_shards(paths, todo, layout, model, processor, fp_sha, *, shard_size, num_frames, fps, batch_size,
+def _encode_shards(paths, todo, layout, model, processor, fp_sha, *, shard_size, sampling, batch_size,
                    num_workers, pooled, stats, progress, on_error, on_shard, apply_rotation=False) -> None:
     """Encode the clips of shards ``todo``; write each shard as soon as its last clip is in."""
     dims = (model.config.text_config.hidden_size, model.config.video_config.hidden_size)
     order = [i for s in todo for i in range(s * shard_size, min((s + 1) * shard_size, len(paths)))]
-    results = run_clips(paths, order, model, processor, num_frames=num_frames, fps=fps, batch_size=batch_size,
+    results = run_clips(paths, order, model, processor, sampling=sampling, batch_size=batch_size,
                         num_workers=num_workers, pooled=pooled, stats=stats, progress=progress,
                         apply_rotation=apply_rotation)
     buf: list[ClipResult] = []
@@ -300,7 +301,7 @@ def _encode_shards(paths, todo, layout, model, processor, fp_sha, *, shard_size,
             buf.append(r)
             s = r.index // shard_size
             if r.index == min((s + 1) * shard_size, len(paths)) - 1:  # the shard's last clip
-                write_shard(layout, s, buf, fp_sha, dims, pooled, num_frames or 0)
+                write_shard(layout, s, buf, fp_sha, dims, pooled, sampling.num_frames or 0)
                 buf = []
                 if on_shard is not None:
                     on_shard(s)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .workers import ClipDataset, collate, default_workers, encoder_threads, worker_init
+from ..sampling import Sampling
+from .workers import ClipDataset, collate, encoder_threads, plan_workers, worker_init
 
 __all__ = ["ClipResult", "PipelineStats", "Encoder", "run_clips"]
 
@@ -17,7 +18,9 @@ __all__ = ["ClipResult", "PipelineStats", "Encoder", "run_clips"]
 class ClipResult:
     """One video's result. ``video_embeds`` (D,) and ``pooled`` (H,) are float32 CPU tensors (``pooled``
     only when asked for); ``frame_count`` is the source video's frame count, ``frame_indices`` the frames
-    taken. A video that could not be read has ``error`` set (reason, naming the file) and no tensors."""
+    taken. A video that could not be read has ``error`` set (reason, naming the file) and no tensors.
+    ``truncated_suspect``: why the file may be cut short where nothing declares its length (see
+    :attr:`pevideo.VideoMetadata.truncated_suspect`); not an error, the clip is embedded."""
 
     index: int
     path: str
@@ -26,6 +29,7 @@ class ClipResult:
     frame_count: int = 0
     frame_indices: list[int] = field(default_factory=list)
     error: str | None = None
+    truncated_suspect: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -90,7 +94,8 @@ class Encoder:
         results, row = [], 0
         for it in batch["items"]:
             r = ClipResult(index=it["index"], path=it["path"], frame_count=it["total"],
-                           frame_indices=it["indices"], error=it["error"])
+                           frame_indices=it["indices"], error=it["error"],
+                           truncated_suspect=it.get("truncated_suspect"))
             if r.ok:
                 r.video_embeds = host[0][row]
                 if len(host) > 1:
@@ -100,20 +105,18 @@ class Encoder:
         return results
 
 
-def run_clips(paths: Sequence[str], order: Sequence[int], model, processor, *, num_frames, fps, batch_size,
+def run_clips(paths: Sequence[str], order: Sequence[int], model, processor, *, sampling: Sampling, batch_size,
          num_workers, pooled, stats: PipelineStats, progress, apply_rotation: bool = False) -> Iterator[ClipResult]:
-    """Encode ``paths[i]`` for i in ``order``; yield results in that order."""
+    """Encode ``paths[i]`` for i in ``order``, frames taken by ``sampling``; yield results in that order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    num_workers = default_workers() if num_workers is None else int(num_workers)
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     order = list(order)
+    num_workers = plan_workers(num_workers, len(order))
     if not order:
         return
     encoder = Encoder(model, processor, pooled)
     loader = torch.utils.data.DataLoader(
-        ClipDataset(paths, processor, num_frames, fps, apply_rotation),
+        ClipDataset(paths, processor, sampling, apply_rotation),
         batch_sampler=[order[i : i + batch_size] for i in range(0, len(order), batch_size)],
         num_workers=num_workers,
         collate_fn=collate,

@@ -54,6 +54,8 @@ def fingerprint(paths, model_id, processor, num_frames, fps, dtype, pooled, shar
         "num_inputs": len(paths),
         "inputs_sha256": sha256("\0".join(paths).encode("utf-8", "surrogateescape")),
     }
+    if fps is not None:  # fps picks frames by upstream's rule (pevideo.sampling); earlier fps runs took others
+        fp["fps_rule"] = "upstream"
     for k, v in sorted(options.items()):
         if k in fp:
             raise ValueError(f"fingerprint option {k!r} clashes with a fixed field")

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ..loading import resolve_checkpoint, resolve_device, resolve_dtype
-from ..processing import Normalization, PeVideoVideoProcessor, checkpoint_frame_size, sampling
-from ..video import check_frame_cap
+from ..limits import Limits
+from ..processing import Normalization, PeVideoVideoProcessor, checkpoint_frame_size
+from ..sampling import Sampling
 
 __all__ = ["Session", "open_session", "load_model", "load_processor", "check_sampling", "DEFAULT_NUM_FRAMES"]
 
@@ -54,7 +55,8 @@ class Session:
         return self._model
 
 
-def open_session(model, processor=None, *, device=None, dtype=None, fast: bool | None = None) -> Session:
+def open_session(model, processor=None, *, device=None, dtype=None, fast: bool | None = None,
+                 sampling: Sampling | None = None) -> Session:
     """Resolve a run's model, processor, device and dtype once.
 
     ``model``: a checkpoint folder / Hub id, or a :class:`pevideo.PeVideoModel` (then ``device``,
@@ -63,7 +65,9 @@ def open_session(model, processor=None, *, device=None, dtype=None, fast: bool |
     is bfloat16 on a GPU and float32 on CPU (see :func:`pevideo.loading.resolve_dtype`). ``fast``:
     default on a GPU (on CPU the kernels would run in Triton's slow interpreter). ``processor``: a
     :class:`pevideo.PeVideoVideoProcessor`, a folder to read one from, or None: the checkpoint's (see
-    :func:`load_processor`). Raises ValueError when the processor's frames don't fit the model.
+    :func:`load_processor`). Raises ValueError when the processor's frames don't fit the model, or
+    when ``sampling``'s ``num_frames`` frames at the model's frame size exceed the memory budget
+    (:class:`pevideo.limits.Limits`): refused before any model is loaded or clip decoded.
     """
     from ..modeling import PeVideoModel
 
@@ -84,6 +88,8 @@ def open_session(model, processor=None, *, device=None, dtype=None, fast: bool |
         made = "frames of the input's size (no resize)" if got is None else f"{got[0]}x{got[1]} frames"
         h, w = session.frame_size
         raise ValueError(f"the processor makes {made} but the model takes {h}x{w}")
+    if sampling is not None and sampling.num_frames is not None:
+        Limits.resolve().check_frames(sampling.num_frames, *session.frame_size, name="num_frames")
     return session
 
 
@@ -124,9 +130,10 @@ def load_model(path, *, device=None, dtype=None, fast: bool | None = None):
     return _checkpoint_session(path, device, dtype, fast).model()
 
 
-def check_sampling(num_frames, fps) -> tuple[int | None, float | None]:
-    """(num_frames, fps) of a run, checked by :func:`pevideo.processing.sampling`; neither given: 16 frames."""
-    kind, value = sampling(num_frames, fps) or ("n", DEFAULT_NUM_FRAMES)
-    if kind == "n":  # refused before anything is loaded, not once per clip
-        check_frame_cap(value, name="num_frames")
-    return (value, None) if kind == "n" else (None, value)
+def check_sampling(num_frames, fps) -> Sampling:
+    """A run's sampling, checked once into a :class:`~pevideo.sampling.Sampling` record (neither given:
+    16 frames), and the decode limits' environment checked with it (``PEVIDEO_MAX_VIDEO_BYTES``,
+    ``PEVIDEO_DECODE_TIME_LIMIT``): a bad value is a :class:`pevideo.UsageError` before anything runs."""
+    Limits.resolve()
+    sampling = Sampling.of(num_frames, fps)
+    return Sampling(num_frames=DEFAULT_NUM_FRAMES) if sampling.every_frame else sampling

@@ -163,6 +163,8 @@ def write_shard(layout: Layout, s: int, results: list[ClipResult], fp_sha: str, 
     if [r.index for r in results] != list(range(start, end)):
         raise RuntimeError(f"shard {s}: results are not one run of consecutive inputs")  # a bug, not bad data
     errors = [{"index": r.index, "path": r.path, "error": r.error} for r in results if not r.ok]
+    suspects = [{"index": r.index, "path": r.path, "truncated_suspect": r.truncated_suspect}
+                for r in results if r.ok and r.truncated_suspect]
     meta = {
         "format": FORMAT,
         "version": str(FORMAT_VERSION),
@@ -172,6 +174,7 @@ def write_shard(layout: Layout, s: int, results: list[ClipResult], fp_sha: str, 
         "end_index": str(end),
         "paths": json.dumps([r.path for r in results if r.ok]),
         "errors": json.dumps(errors),
+        **({"warnings": json.dumps(suspects)} if suspects else {}),  # clips embedded, but see why
     }
     atomic_write_bytes(layout.shard(s), serialize(_rows(results, dims, pooled, width), meta))
 
@@ -184,7 +187,9 @@ class Embeddings:
     in the source video, as its container reports them); sampled_frame_counts (N,) int64 (frames taken
     from it and encoded); sampled_indices (N, T) int32, −1 where a clip has fewer than T frames; input_index
     (N,) int64, each row's position in the input list; paths: N paths; errors: [{index, path, error}]
-    for the videos that failed; config: the run's arguments fingerprint (model, num_frames, ...).
+    for the videos that failed; config: the run's arguments fingerprint (model, num_frames, ...);
+    warnings: [{index, path, truncated_suspect}] for embedded videos that may be cut short (an MPEG-TS
+    file ending inside a transport packet; see :attr:`pevideo.VideoMetadata.truncated_suspect`).
     """
 
     video_embeds: torch.Tensor
@@ -196,6 +201,7 @@ class Embeddings:
     errors: list[dict]
     config: dict
     pooled: torch.Tensor | None = None
+    warnings: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -258,7 +264,13 @@ def _join(parts: list[tuple[dict, dict]], config: dict) -> Embeddings:
         video_embeds=t["video_embeds"], pooled=t.get("pooled"), source_frame_counts=source,
         sampled_frame_counts=sampled, sampled_indices=idx,
         input_index=t["input_index"], paths=paths, errors=sorted(errors, key=lambda e: e["index"]), config=config,
+        warnings=_warnings(m for _, m in parts),
     )
+
+
+def _warnings(metas) -> list[dict]:
+    """The clips embedded with a warning (truncated_suspect), from shard / file headers, in input order."""
+    return sorted((w for m in metas for w in json.loads(m.get("warnings", "[]"))), key=lambda w: w["index"])
 
 
 def _read_manifest(layout: Layout) -> dict:
@@ -406,12 +418,15 @@ def _remove_outputs(layout: Layout) -> None:
                 os.rmdir(layout.work)
 
 
-def _write_errors(path: str, errors: list[dict]) -> None:
+def _write_errors(path: str, errors: list[dict], suspects: list[dict] = ()) -> None:
+    """The errors file: one JSON line per failed clip ({index, path, error}) and per clip embedded with a
+    warning ({index, path, truncated_suspect}, no "error"), in input order."""
     with io_errors(path):
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in sorted(errors, key=lambda e: e["index"])))
+        lines = sorted([*errors, *suspects], key=lambda e: e["index"])
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in lines))
 
 
 def summary_of_final(layout: Layout) -> EmbedSummary:
@@ -424,7 +439,7 @@ def summary_of_final(layout: Layout) -> EmbedSummary:
     except ValueError as exc:
         raise DamagedOutputError(layout.final, f"has damaged metadata ({exc})",
                                  "delete it and rerun the same `pevideo embed` command to make it again") from None
-    _write_errors(layout.errors, errs)
+    _write_errors(layout.errors, errs, _warnings([meta]))
     num_shards = math.ceil(n_in / shard_size)
     return EmbedSummary(layout.final, layout.errors, n_in, n_in - len(errs), len(errs), num_shards)
 
@@ -452,9 +467,10 @@ def _merge(layout: Layout, keep_shards: bool | None) -> EmbedSummary:
     if layout.final is None:
         # The shards are the output and stay where they are: check them and gather their errors.
         _check_all_shards(layout, man)
-        errs = []
-        for s in range(man["num_shards"]):
-            errs += json.loads(read_header(layout.shard(s)).get("errors", "[]"))
+        errs, headers = [], [read_header(layout.shard(s)) for s in range(man["num_shards"])]
+        for h in headers:
+            errs += json.loads(h.get("errors", "[]"))
+        warns = _warnings(headers)
     else:
         parts = _check_all_shards(layout, man, full=True)
         tensors = _join_tensors(parts)
@@ -463,15 +479,17 @@ def _merge(layout: Layout, keep_shards: bool | None) -> EmbedSummary:
             paths += json.loads(m.get("paths", "[]"))
             errs += json.loads(m.get("errors", "[]"))
         errs.sort(key=lambda e: e["index"])
+        warns = _warnings(m for _, m in parts)
         meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "fingerprint": man["fingerprint"],
                 "config": json.dumps(man["config"]), "num_inputs": str(man["config"]["num_inputs"]),
-                "paths": json.dumps(paths), "errors": json.dumps(errs)}
+                "paths": json.dumps(paths), "errors": json.dumps(errs),
+                **({"warnings": json.dumps(warns)} if warns else {})}
         problem = complete_problem(tensors, meta, man["config"])
         if problem is not None:  # the shards passed their own checks, so they do not fit together
             raise DamagedOutputError(layout.work, f"the joined shards are not the run's output: {problem}",
                                      f"delete {layout.work} and rerun `pevideo embed` to redo the run")
         atomic_write_bytes(layout.final, serialize(tensors, meta))
-    _write_errors(layout.errors, errs)
+    _write_errors(layout.errors, errs, warns)
     if layout.final is not None and not keep:
         _remove_outputs(Layout(None, layout.work, os.path.join(layout.work, "errors.jsonl")))
         with io_errors(layout.work):

@@ -7,45 +7,56 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ClipDataset", "collate", "default_workers", "encoder_threads", "cpu_budget"]
+from ..limits import Limits, VideoTooLargeError
+from ..metadata import TruncatedVideoError, UnsupportedVideoError
+from ..sampling import Sampling
+from ..video import DecodePlan, read_video
+
+__all__ = ["ClipDataset", "collate", "default_workers", "encoder_threads", "cpu_budget", "plan_workers",
+           "WORKER_MEMORY"]
+
+# What one decoding worker adds to a run: its own memory (USS, measured on CPU with PyAV decoding H.264:
+# 20 MB at 360p, 45 MB at 1080p; tools that sum RSS count ~540 MB more, pages it shares with the main
+# process), plus the batches it prepares, two ahead: 2 x batch x frames x h x w x 3 bytes.
+WORKER_MEMORY = "20-50 MB of its own plus the 2 batches of frames it prepares"
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Item i: the decoded clip of ``paths[i]`` resized by ``processor.resize_frames`` (uint8 (T, S, S, 3),
-    a channels-last view; normalizing is the model's job), or the reason it could not be read."""
+    """Item i: the decoded clip of ``paths[i]``, sampled, resized and cropped as the processor would
+    (uint8 (T, h, w, 3), each frame put through the processor's frame plan as it is decoded;
+    normalizing is the model's job), or the reason it could not be read.
 
-    def __init__(self, paths: Sequence[str], processor, num_frames: int | None, fps: float | None,
-                 apply_rotation: bool = False):
-        self.paths, self.processor, self.num_frames, self.fps = paths, processor, num_frames, fps
-        # Each frame is resized as it is decoded (4K frames are never all held), exactly as the processor
-        # would resize it; resize_frames then finds the size already right and only crops / views.
-        size, mode = processor.resize_settings
-        # PyAV and the decoder, imported here in the parent: forked workers then start with them loaded
-        # instead of each importing them (~0.1 s, more on a cold cache) before its first clip.
+    The decode plan (sampling, frame plan, rotation, limits) is resolved once, here, and the same
+    frozen record serves every clip of every worker."""
+
+    def __init__(self, paths: Sequence[str], processor, sampling: Sampling, apply_rotation: bool = False,
+                 limits: Limits | None = None):
+        if not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling must be a pevideo.sampling.Sampling, got {type(sampling).__name__}")
+        self.paths = paths
+        self.plan = DecodePlan(sampling, processor.frame_plan, bool(apply_rotation),
+                               limits if limits is not None else Limits.resolve())
+        # PyAV, imported here in the parent: forked workers then start with it loaded instead of each
+        # importing it (~0.1 s, more on a cold cache) before its first clip.
         import av  # noqa: F401
-
-        from .. import _decode, video  # noqa: F401
-        self.decode = dict(size=size, resample=mode, apply_rotation=apply_rotation)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        from ..video import load_video
-
         path = self.paths[i]
         try:
-            frames, meta = load_video(path, num_frames=self.num_frames, fps=self.fps, **self.decode)
-            clip = self.processor.resize_frames(frames)
-            return dict(index=i, path=path, frames=clip, total=int(meta.total_num_frames),
-                        indices=list(meta.frames_indices), error=None)
+            frames, meta = read_video(path, self.plan)
+            return dict(index=i, path=path, frames=torch.from_numpy(frames), total=int(meta.total_num_frames),
+                        indices=list(meta.frames_indices), error=None, truncated_suspect=meta.truncated_suspect)
         except Exception as exc:  # one unreadable video is that video's problem, not the run's
-            return dict(index=i, path=path, frames=None, total=0, indices=[], error=_reason(exc))
+            return dict(index=i, path=path, frames=None, total=0, indices=[], error=_reason(exc),
+                        truncated_suspect=None)
 
 
 def _reason(exc: Exception) -> str:
     # load_video's own errors already say what is wrong with which file; anything else gets its type.
-    if type(exc) in (ValueError, FileNotFoundError):
+    if type(exc) in (ValueError, FileNotFoundError, TruncatedVideoError, UnsupportedVideoError, VideoTooLargeError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
@@ -100,3 +111,23 @@ def encoder_threads(num_workers: int) -> int:
     least one. Without this the encoder's OpenMP threads and the workers oversubscribe the cores, and
     throughput swings 4x from run to run on a small machine."""
     return max(1, cpu_budget() - max(0, int(num_workers)))
+
+
+def plan_workers(requested: int | None, clips: int) -> int:
+    """Decoding processes for a run of ``clips`` clips: ``requested`` (None: :func:`default_workers`),
+    never more than there are clips, and at most the CPUs this process may use (:func:`cpu_budget`;
+    more only add processes competing for the same cores, each with its own memory: see
+    :data:`WORKER_MEMORY`), with a one-line warning when a request is cut down to that."""
+    import warnings
+
+    if requested is None:
+        requested = default_workers()
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {requested!r}")
+    cores = cpu_budget()
+    n = min(requested, max(0, clips))
+    if n > cores:
+        warnings.warn(f"{requested} decoding workers asked for, but this process may use {cores} CPU(s): "
+                      f"using {cores} (each worker takes {WORKER_MEMORY})", stacklevel=2)
+        n = cores
+    return n
