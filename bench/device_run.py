@@ -38,8 +38,11 @@ then the ``run`` tool with ``carry: [".whl"]``, ``timeout_s: 500`` and this comm
 It brings back three files: ``<gpu>-device-run.tar.gz`` (every part's JSON, summary.md, the full log,
 the autotuning choices), ``summary.md`` and ``run.log``. Unpack with
 ``tar xzf <files_at>/<gpu>-device-run.tar.gz -C bench/results/`` and commit ``bench/results/<gpu>-device-run/``.
-A second, shorter call (same machine while warm, ~5 min left): add ``--parts tower,embed --budget 240``
-(or whatever the first left undone) and ``timeout_s: 300``.
+A second, shorter call for what the first left undone (its table says which): at once, while the machine is
+warm (30 s; then its caches under ``--out`` are reused and its summary covers both calls), the same command
+with ``--parts tower,embed --budget 240`` and ``timeout_s: 300``. Unpack each call's tarball into the same
+folder (a later part JSON replaces an earlier one of the same part), then
+``python bench/device_run.py --summarize bench/results/<gpu>-device-run`` rebuilds summary.md from all.
 
 Without a GPU the same command runs ``env`` and says why it skipped the rest. ``--smoke`` runs every part
 on tiny shapes on CPU (Triton's interpreter for the kernels, torch.compile with the eager backend) in
@@ -128,6 +131,11 @@ class Context:
         self.dtype = torch.bfloat16 if self.gpu else torch.float32
         # smoke: torch.compile traces (dynamo) but generates no code (Inductor on CPU takes minutes)
         self.compile_kw = {"backend": "eager"} if args.smoke else {}
+        # every case compiles the same RoPE / Flex functions again at new shapes: past dynamo's limit
+        # they would fall back to eager without a word
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
         self.state: dict = {"verdicts": {}}
         self.part = None
         self.part_deadline = None  # monotonic time after which the running part starts nothing new
@@ -146,17 +154,19 @@ class Context:
 
 class Runner:
     def __init__(self, args):
-        from pevideo.benchtools import machine_info, machine_slug
+        from pevideo.benchtools import machine_info, machine_slug, package_versions
 
         self.args = args
         self.t0 = T0
         self.out = os.path.abspath(args.out)
-        self.machine = machine_info("cuda" if (not args.smoke and _cuda()) else "cpu")
+        self.machine = machine_info("cuda" if (not args.smoke and _cuda()) else "cpu",
+                                    versions=package_versions("transformers", "timm", "numpy", "av", "flash-attn"))
         self.slug = machine_slug(self.machine)
         self.reports: dict[str, dict] = {}
         self.lock = threading.RLock()  # (SIGTERM's handler runs on the main thread, maybe inside finish)
         self.finished = False
         self.ctx = Context(args, self)
+        self.log_path = None
 
     def left(self) -> float:
         return self.args.budget - (time.monotonic() - self.t0)
@@ -238,7 +248,7 @@ class Runner:
             elif self.args.smoke:
                 print("smoke: ok (every part ran on tiny CPU shapes; its JSON has what summary.md reads)")
             sys.stdout.flush()
-            packed = pack(self.out, self.slug, self.args.pack) if self.args.pack else None
+            packed = pack(self.out, self.slug, self.args.pack, self.log_path) if self.args.pack else None
             print(f"results: {self.out} ({self.slug}-<part>.json, {os.path.basename(summary)})"
                   + (f"; packed: {packed}" if packed else ""), flush=True)
             return 1 if problems else 0
@@ -251,9 +261,9 @@ class Runner:
         os._exit(3)
 
 
-def pack(out: str, slug: str, dest: str) -> str:
-    """One tar.gz of the results (every JSON, summary.md, run.log, Triton's autotuning choices) plus
-    summary.md and run.log beside it: three files, well inside the tool's 8 files of 16 MiB."""
+def pack(out: str, slug: str, dest: str, log_path: str | None = None) -> str:
+    """One tar.gz of the results (every JSON, summary.md, the runs' logs, Triton's autotuning choices) plus
+    summary.md and this run's log (as run.log) beside it: three files, inside the tool's 8 of 16 MiB."""
     import shutil
 
     os.makedirs(dest, exist_ok=True)
@@ -271,10 +281,38 @@ def pack(out: str, slug: str, dest: str) -> str:
                 if f.endswith(".autotune.json"):
                     tar.add(os.path.join(dirpath, f), arcname=f"{name}/autotune/{os.path.basename(dirpath)[:12]}-{f}")
     os.replace(tmp, target)
-    for f in ("summary.md", "run.log"):
-        if os.path.exists(os.path.join(out, f)) and os.path.abspath(dest) != out:
-            shutil.copyfile(os.path.join(out, f), os.path.join(dest, f))
+    if os.path.abspath(dest) != out:
+        shutil.copyfile(os.path.join(out, "summary.md"), os.path.join(dest, "summary.md"))
+        if log_path:
+            shutil.copyfile(log_path, os.path.join(dest, "run.log"))
     return target
+
+
+def summarize(folder: str) -> int:
+    """summary.md and the table again, from every part JSON in ``folder`` (e.g. two calls' packs unpacked
+    into one folder: each part's latest JSON counts)."""
+    import glob
+    import json
+
+    import device_run_summary as S
+
+    envs = sorted(glob.glob(os.path.join(folder, "*-env.json")))
+    if not envs:
+        print(f"device_run --summarize: no <gpu>-env.json in {folder}", file=sys.stderr)
+        return 2
+    slug = os.path.basename(envs[0])[: -len("-env.json")]
+    reports = {}
+    for part in PART_NAMES:
+        path = os.path.join(folder, f"{slug}-{part}.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                reports[part] = json.load(f)
+    machine = reports["env"].get("machine", {})
+    elapsed = sum(r.get("elapsed_s") or 0 for r in reports.values())
+    S.write_summary(os.path.join(folder, "summary.md"), reports, machine, budget=None, elapsed=elapsed,
+                    note=f"rebuilt from the part JSONs in {os.path.basename(os.path.abspath(folder))}")
+    print(S.final_table(reports, machine, elapsed, None))
+    return 0
 
 
 def _cuda() -> bool:
@@ -322,6 +360,8 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="every part on tiny shapes on CPU (Triton's interpreter); checks the JSON fields")
     p.add_argument("--prepare", action="store_true", help="download the PyAV wheel into .whl/ for the GPU image, then exit")
+    p.add_argument("--summarize", metavar="DIR", default=None,
+                   help="rebuild summary.md and the table from the part JSONs in DIR (e.g. two calls' packs), then exit")
     args = p.parse_args(argv)
     if not (args.budget > 0):
         p.error(f"--budget takes a positive number of seconds, got {args.budget}")
@@ -355,12 +395,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.prepare:
         return prepare(os.path.join(ROOT, ".whl"))
+    if args.summarize:
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+        return summarize(args.summarize)
     setup_environment(args)
-    log = open(os.path.join(os.path.abspath(args.out), "run.log"), "w", encoding="utf-8", buffering=1)
+    log_path = os.path.join(os.path.abspath(args.out), time.strftime("run-%Y%m%d-%H%M%S.log"))
+    log = open(log_path, "w", encoding="utf-8", buffering=1)
     sys.stdout, sys.stderr = Tee(sys.__stdout__, log), Tee(sys.__stderr__, log)
     print(f"device_run: budget {args.budget:.0f} s, parts {args.parts}, out {os.path.abspath(args.out)}"
           + (" (smoke: tiny CPU shapes)" if args.smoke else ""), flush=True)
     runner = Runner(args)
+    runner.log_path = log_path
     timer = threading.Timer(max(0.0, args.budget + args.grace - (time.monotonic() - T0)), runner.stop,
                             args=(f"watchdog: the run passed its budget + {args.grace:.0f} s",))
     timer.daemon = True

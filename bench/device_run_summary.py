@@ -138,8 +138,12 @@ def headline(part: str, r: dict) -> str:
     return ""
 
 
-def final_table(reports: dict, machine: dict, elapsed: float, budget: float) -> str:
-    lines = [f"== device run on {machine.get('label')}: {elapsed:.0f} s of a {budget:.0f} s budget ==",
+def _took(elapsed, budget) -> str:
+    return f"{elapsed:.0f} s of a {budget:.0f} s budget" if budget else f"{elapsed:.0f} s in the parts"
+
+
+def final_table(reports: dict, machine: dict, elapsed: float, budget: float | None) -> str:
+    lines = [f"== device run on {machine.get('label')}: {_took(elapsed, budget)} ==",
              f"{'part':<10} {'status':<8} {'s':>5}  headline"]
     for part, r in reports.items():
         earlier = " (earlier run)" if r.get("earlier_run") else ""
@@ -236,13 +240,14 @@ def _section_embed(r):
             + _table(["decode workers", "clips/s", "encoder busy", "waited on decoding", "GPU util %"], rows))
 
 
-def write_summary(path: str, reports: dict, machine: dict, budget: float, elapsed: float, note: str | None = None) -> str:
+def write_summary(path: str, reports: dict, machine: dict, budget: float | None, elapsed: float,
+                  note: str | None = None) -> str:
     m = machine
     env = reports.get("env", {})
     c = env.get("ceilings") or {}
     lines = [f"# Device run: {m.get('label')}", "",
              f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {m.get('torch')}, triton {m.get('triton')}, "
-             f"CUDA {m.get('cuda')}, Python {m.get('python')}; {elapsed:.0f} s of a {budget:.0f} s budget.",
+             f"CUDA {m.get('cuda')}, Python {m.get('python')}; {_took(elapsed, budget)}.",
              f"Ceilings measured in this run: copy {_f(c.get('copy_gbps'), '.0f')} GB/s (read + write), "
              f"{c.get('matmul_dtype')} matmul {_f(c.get('matmul_tflops'), '.1f')} TFLOP/s.", ""]
     if note:

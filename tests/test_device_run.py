@@ -82,8 +82,18 @@ def test_pack_fits_the_device_tools_limits(smoke):
     (tar_path,) = [f for f in files if f.name.endswith(".tar.gz")]
     with tarfile.open(tar_path) as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
-    assert {f"cpu-{p}.json" for p in device_run.PART_NAMES} | {"summary.md", "run.log"} <= names
+    assert {f"cpu-{p}.json" for p in device_run.PART_NAMES} | {"summary.md"} <= names
+    assert any(n.startswith("run-") and n.endswith(".log") for n in names)
     assert (pack / "summary.md").read_text() == (out / "summary.md").read_text()
+    assert "part       status" in (pack / "run.log").read_text()  # the log is packed after the table
+    # two calls' packs unpacked into one folder: summary.md rebuilt from all their parts
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(out.parent / "unpacked", filter="data")
+    folder = out.parent / "unpacked" / "cpu-device-run"
+    (folder / "summary.md").unlink()
+    assert device_run.main(["--summarize", str(folder)]) == 0
+    rebuilt = (folder / "summary.md").read_text()
+    assert "rebuilt from the part JSONs" in rebuilt and "## rope_fwd" in rebuilt and "ROPE_K winner" in rebuilt
 
 
 def test_budget_skips_parts_and_says_so(tmp_path):
