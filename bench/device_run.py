@@ -9,9 +9,11 @@ rewritten while it runs), then ``summary.md`` (goals beside figures) and a short
              backward on the PE-L frame and temporal shapes, patchify_normalize; error vs fp32 <= 2x the
              PyTorch bf16 path's. A kernel found wrong is not timed below; the run goes on
   rope_fwd   rope_attention forward, 256 and 64 frames x 577 tokens (16 heads, d 64, packed, q/k/v strided
-             views of one qkv) and the temporal shape: each ROPE_K mode a row, against compiled RoPE + SDPA
-             with each backend forced, FlexAttention, flash-attn if importable
-  rope_bwd   forward + backward, same shapes and providers: time, useful TFLOP/s, peak memory
+             views of one qkv), the temporal shape (64 clips of 1-17 tokens, 14 heads, d 128, padded) and,
+             last, joint 3D clip attention: each ROPE_K mode a row, against compiled RoPE + SDPA with each
+             backend forced, FlexAttention, flash-attn if importable; useful TFLOP/s, error vs fp32, the
+             speed-up over the best other row, the fastest mode
+  rope_bwd   forward + backward, 256 frames and temporal, the same providers: time, TFLOP/s, peak memory
   patchify   patchify_normalize GB/s against a device-to-device copy in the same run
   tower      the pe-av-large video tower (bf16, random weights): fidelity vs transformers fp32, then
              pevideo fast / fast+compile / fast as a CUDA graph / eager vs transformers (sdpa), full and

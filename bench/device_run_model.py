@@ -76,7 +76,7 @@ def fidelity(ctx, config, lengths) -> dict:
             "cos_per_clip": cos.tolist(), "fast_err": fe, "transformers_low_precision_err": te, "ok": ok,
             "goal": f"cos >= {GOAL_COS} per clip; error <= 2x transformers' own "
                     f"{str(ctx.dtype).replace('torch.', '')} error vs fp32",
-            "kernels": report}
+            "kernels": report, "not_fused": {op: why for op, why in report.items() if why != "fused"}}
 
 
 def _tower_goals(results: list[dict]) -> list[dict]:

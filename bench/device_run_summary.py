@@ -105,8 +105,14 @@ def headline(part: str, r: dict) -> str:
             return (f"copy {c['copy_gbps']:.0f} GB/s, {c['matmul_dtype']} matmul {c['matmul_tflops']:.0f} TFLOP/s; "
                     f"torch {v['torch']}, triton {v['triton']}, PyAV {v.get('av') or 'missing'}")
         if part == "check":
-            bad = [k for k, v in r["kernels"].items() if not v["ok"]]
-            return "all kernels right" if not bad else "WRONG: " + ", ".join(bad)
+            bad = {k: str(v["reason"]) for k, v in r["kernels"].items() if not v["ok"]}
+            failed = [k for k, why in bad.items() if ": failed: " in why or ": unavailable: " in why]
+            wrong = [k for k in bad if k not in failed]
+            if not bad:
+                return "all kernels right"
+            return "; ".join(x for x in (
+                "WRONG numbers: " + ", ".join(wrong) if wrong else "",
+                f"FAILED to run: {', '.join(failed)} ({bad[failed[0]].split(': ', 1)[-1][:80]})" if failed else "") if x)
         if part in ("rope_fwd", "rope_bwd"):
             bits = []
             for c in r["cases"]:
@@ -125,7 +131,9 @@ def headline(part: str, r: dict) -> str:
         if part == "tower":
             fid = r.get("fidelity", {})
             gs = "; ".join(f"{g.get('short', g['name'])} {_f(g['value'], '.2f')} [{_met(g['met'])}]" for g in r["goals"])
-            return f"fidelity cos {_f(fid.get('cos_min'), '.5f')} ok={fid.get('ok')}; {gs}"
+            off = ", ".join(fid.get("not_fused") or {})
+            return f"fidelity cos {_f(fid.get('cos_min'), '.5f')} ok={fid.get('ok')}" + (
+                f" (NOT fused: {off})" if off else "") + f"; {gs}"
         if part == "embed":
             top = max(r["results"], key=lambda x: x["workers"])
             return (f"{top['workers']} workers: {top['clips_per_s']:.1f} clips/s, encoder busy "
