@@ -121,12 +121,20 @@ class GpuSampler:
 
 def encode_only(model, processor, paths, num_frames, batch_size, device, budget_s=10.0) -> float:
     """The encoder's clips/s on one already-decoded batch, fed again and again (its ceiling)."""
-    from pevideo.embed.encode import Encoder
     from pevideo.embed.workers import ClipDataset, collate
     from pevideo.sampling import Sampling
 
     ds = ClipDataset(paths, processor, Sampling(num_frames=num_frames))
     batch = collate([ds[i % len(paths)] for i in range(batch_size)])
+    return encoder_rate(model, processor, batch, device, budget_s)
+
+
+def encoder_rate(model, processor, batch, device, budget_s=10.0) -> float:
+    """Clips/s of the pipeline's encoder on one collated batch (``pevideo.embed.workers.collate``),
+    launched again and again, one batch in flight while the next is launched, as the pipeline runs it."""
+    from pevideo.embed.encode import Encoder
+
+    batch_size = len(batch["items"])
     if device.type == "cuda":
         batch["videos"] = batch["videos"].pin_memory()
     enc = Encoder(model, processor, pooled=False)
@@ -142,6 +150,18 @@ def encode_only(model, processor, paths, num_frames, batch_size, device, budget_
     enc.collect(pending)
     n += 1
     return n * batch_size / (time.perf_counter() - t0)
+
+
+def decode_only(paths, processor, num_frames, batch_size, num_workers) -> float:
+    """Clips/s of the pipeline's decoding alone: the same loader (workers, batches, collate), no encoder."""
+    from pevideo.embed.workers import ClipDataset, collate, worker_init
+
+    loader = torch.utils.data.DataLoader(
+        ClipDataset(paths, processor, num_frames, None), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=collate, worker_init_fn=worker_init if num_workers else None)
+    t0 = time.perf_counter()
+    n = sum(len(batch["items"]) for batch in loader)
+    return n / (time.perf_counter() - t0)
 
 
 def run(args) -> dict:
@@ -180,7 +200,7 @@ def run(args) -> dict:
         torch.set_num_threads(ceiling_threads)
         try:
             ceiling = encode_only(model, processor, unique, args.num_frames, args.batch_size, device,
-                                  budget_s=10.0 if gpu else 5.0)
+                                  budget_s=getattr(args, "encode_budget", None) or (10.0 if gpu else 5.0))
         finally:
             torch.set_num_threads(threads_before)
         print(f"encoder alone: {ceiling:.1f} clips/s on {ceiling_threads} thread(s) ({preset}, "
@@ -229,10 +249,18 @@ def run(args) -> dict:
                   + (f"  GPU util {100 * row['gpu_util']:5.1f}%" if row["gpu_util"] is not None else ""),
                   file=sys.stderr)
 
+        decode = None
+        if getattr(args, "decode_only", False):
+            nw = max(workers)
+            decode = {"workers": nw, "clips_per_s": round(decode_only(paths, processor, args.num_frames,
+                                                                       args.batch_size, nw), 2)}
+            print(f"decoding alone, {nw} workers: {decode['clips_per_s']:.1f} clips/s", file=sys.stderr)
+
     return dict(
         benchmark="embed", machine=machine_info(device), preset=preset, dtype=str(dtype).replace("torch.", ""), fast=fast,
         num_frames=args.num_frames, batch_size=args.batch_size, clips=clips, source=source,
         encoder_only_clips_per_s=round(ceiling, 2), encoder_only_threads=ceiling_threads, results=rows,
+        decode_only=decode,
     )
 
 
@@ -257,6 +285,10 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fast", dest="fast", action="store_const", const=True, default=None)
     g.add_argument("--eager", dest="fast", action="store_const", const=False)
+    p.add_argument("--decode-only", action="store_true",
+                   help="also time decoding alone (the same loader, no encoder) at the largest worker count")
+    p.add_argument("--encode-budget", type=float, default=None,
+                   help="seconds to time the encoder alone (default 10 on a GPU, 5 on CPU)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
     if args.repeats < 1:

@@ -76,38 +76,31 @@ def machine_info() -> dict:
     return harness_machine_info("cuda" if torch.cuda.is_available() else "cpu", flash_attn=fa)
 
 
-def bench_ms(fn, quick: bool) -> float:
-    from triton.testing import do_bench
+def sampler(quick: bool):
+    """One timed sample per provider and round: a CUDA-event burst on a GPU, the wall clock on CPU (where
+    only a smoke run times, to check the plumbing)."""
+    from pevideo.benchtools import cuda_events, wall_clock
 
-    return float(do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median"))
+    return cuda_events(rep_ms=15.0 if quick else 30.0) if torch.cuda.is_available() else wall_clock()
 
 
 def time_providers(fns: dict, quick: bool) -> dict:
     """Providers timed in interleaved rounds (pevideo.benchtools): each round one CUDA-event burst per
     provider, in rotating order, so a GPU that clocks down mid-run slows all alike. name -> Timing."""
-    from pevideo.benchtools import cuda_events, time_interleaved
+    from pevideo.benchtools import time_interleaved
 
     with torch.no_grad():
-        return time_interleaved(fns, warmup=1, repeats=3 if quick else 7, min_repeats=3,
-                                sampler=cuda_events(rep_ms=15.0 if quick else 30.0))
+        return time_interleaved(fns, warmup=1, repeats=3 if quick else 7, min_repeats=3, sampler=sampler(quick))
 
 
 def measure_floors(quick: bool) -> dict:
-    """bf16 GEMM rate and device copy bandwidth, measured now on this GPU."""
-    n = 4096 if quick else 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = bench_ms(lambda: torch.mm(a, b), quick)
-    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
-    del a, b
-    nbytes = (1 if quick else 2) * 2**30
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms_copy = bench_ms(lambda: dst.copy_(src), quick)
-    gbps = 2 * nbytes / (ms_copy * 1e-3) / 1e9  # read + write
-    del src, dst
-    torch.cuda.empty_cache()
-    return {"matmul_bf16_tflops": round(tflops, 1), "copy_gbps": round(gbps, 1), "gemm_n": n, "copy_bytes": nbytes}
+    """bf16 GEMM rate and device copy bandwidth, measured now on this GPU (pevideo.benchtools.ceilings)."""
+    from pevideo.benchtools import ceilings
+
+    c = ceilings("cuda", gemm_n=4096 if quick else 8192, copy_bytes=(1 if quick else 2) * 2**30,
+                 rep_ms=40 if quick else 100)
+    return {"matmul_bf16_tflops": round(c["matmul_tflops"], 1), "copy_gbps": round(c["copy_gbps"], 1),
+            "gemm_n": c["gemm_n"], "copy_bytes": c["copy_bytes"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,10 +207,15 @@ def prov_pevideo(c: Case):
     return lambda: rope_attention(c.q, c.k, c.v, **c.kw)
 
 
-def _torch_fn(c: Case):
+def _torch_fn(c: Case, rope=None, sdpa=None):
+    """PyTorch RoPE + SDPA as a function of (q, k, v). ``rope(x)`` (default: apply_rope_ref with the
+    case's coordinates, eager) and ``sdpa`` (default F.scaled_dot_product_attention) can be swapped, e.g.
+    for a compiled RoPE and SDPA with one backend forced."""
     from pevideo_kernels import apply_rope_ref
 
     coords, freqs, layout = c.kw["coords"], c.kw["freqs"], c.kw["rope_layout"]
+    rope = rope or (lambda x: apply_rope_ref(x, coords, freqs, layout))
+    sdpa = sdpa or F.scaled_dot_product_attention
     if c.packed:
         n = c.lens[0]
         if any(x != n for x in c.lens):
@@ -225,16 +223,16 @@ def _torch_fn(c: Case):
         nseg = len(c.lens)
 
         def fn(q, k, v):
-            q, k = apply_rope_ref(q, coords, freqs, layout), apply_rope_ref(k, coords, freqs, layout)
+            q, k = rope(q), rope(k)
             q, k, v = (x.unflatten(0, (nseg, n)).transpose(1, 2) for x in (q, k, v))
-            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(0, 1)
+            return sdpa(q, k, v).transpose(1, 2).flatten(0, 1)
     else:
         attn_mask = c.mask[:, None, None, :]
 
         def fn(q, k, v):
-            q, k = apply_rope_ref(q, coords, freqs, layout), apply_rope_ref(k, coords, freqs, layout)
+            q, k = rope(q), rope(k)
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
+            return sdpa(q, k, v, attn_mask=attn_mask).transpose(1, 2)
     return fn
 
 
@@ -248,14 +246,16 @@ def prov_torch_comp(c: Case):
     return lambda: fn(c.q, c.k, c.v)
 
 
-def prov_flex(c: Case):
+def prov_flex(c: Case, compile_kw=None):
+    """RoPE (compiled) + FlexAttention (compiled); ``compile_kw`` goes to both torch.compile calls."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from pevideo_kernels import apply_rope_ref
 
     coords, freqs, layout = c.kw["coords"], c.kw["freqs"], c.kw["rope_layout"]
-    rope = torch.compile(lambda x: apply_rope_ref(x, coords, freqs, layout), dynamic=False)
-    flex = torch.compile(flex_attention, dynamic=False)
+    kw = {"dynamic": False, **(compile_kw or {})}
+    rope = torch.compile(lambda x: apply_rope_ref(x, coords, freqs, layout), **kw)
+    flex = torch.compile(flex_attention, **kw)
     dev = c.q.device
     if c.packed and all(n == c.lens[0] for n in c.lens):  # equal segments (frames): a plain batch, no mask
         nseg, n = len(c.lens), c.lens[0]
@@ -349,6 +349,9 @@ def reference_real(c: Case):
 
 
 def run_case(c: Case, providers, floors, quick, time_it=True, ref=None):
+    """Each provider's error against ``ref`` and its time. ``providers``: names in PROVIDERS, or a
+    mapping name -> factory(c) returning the zero-argument callable to time."""
+    factories = providers if isinstance(providers, dict) else {name: PROVIDERS[name] for name in providers}
     res = {"case": c.name, "desc": c.desc, "flops": c.flops, "bytes": c.bytes, "providers": {}}
     if floors:
         res["floor_ms"] = {
@@ -356,10 +359,10 @@ def run_case(c: Case, providers, floors, quick, time_it=True, ref=None):
             "memory": c.bytes / (floors["copy_gbps"] * 1e9) * 1e3,
         }
     fns = {}
-    for name in providers:
+    for name, factory in factories.items():
         entry = {}
         try:
-            fn = PROVIDERS[name](c)
+            fn = factory(c)
             with torch.no_grad():
                 out = fn()  # first call: compiles / autotunes
                 real = getattr(fn, "real", c.real)(out)
@@ -465,7 +468,8 @@ def saved_bytes(fn) -> int:
 
 def run_case_backward(c: Case, providers, quick, time_it=True):
     """Forward + backward per provider: gradient error against float32 autograd through the reference,
-    bytes saved for the backward, CUDA peak memory of one step, time and useful TFLOP/s."""
+    bytes saved for the backward, CUDA peak memory of one step, time and useful TFLOP/s. ``providers``:
+    names in BWD_PROVIDERS, or a mapping name -> factory(c) returning the forward as a function of (q, k, v)."""
     from pevideo_kernels import rope_attention_ref
 
     flops = c.flops * (1 + BWD_FLOP_FACTOR)
@@ -481,7 +485,7 @@ def run_case_backward(c: Case, providers, quick, time_it=True):
     for name in providers:
         entry = {}
         try:
-            fwd = _bwd_forward(c, name)
+            fwd = providers[name](c) if isinstance(providers, dict) else _bwd_forward(c, name)
             leaves, split = _bwd_leaves(c)
 
             def step(fwd=fwd, leaves=leaves, split=split):
@@ -508,10 +512,9 @@ def run_case_backward(c: Case, providers, quick, time_it=True):
             entry["status"] = _failure(exc)
         res["providers"][name] = entry
     if time_it and fns:
-        from pevideo.benchtools import cuda_events, time_interleaved
+        from pevideo.benchtools import time_interleaved
 
-        timings = time_interleaved(fns, warmup=1, repeats=3 if quick else 7, min_repeats=3,
-                                   sampler=cuda_events(rep_ms=15.0 if quick else 30.0))
+        timings = time_interleaved(fns, warmup=1, repeats=3 if quick else 7, min_repeats=3, sampler=sampler(quick))
         for name, t in timings.items():
             ms = 1e3 * t.median_s
             res["providers"][name].update(ms=ms, ms_min=1e3 * t.min_s, ms_max=1e3 * t.max_s,

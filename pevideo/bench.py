@@ -183,20 +183,26 @@ def run(args) -> dict:
 
     # (name, model, the frame encoder's block functions: plain, or torch.compiled)
     providers = [("pevideo eager", eager, EAGER_BLOCK_FNS)]
-    if gpu or args.fast_on_cpu:
+    notes = [note] if note else []
+    if getattr(args, "no_fast", False):
+        notes.append("pevideo fast not run (--no-fast)")
+    elif gpu or args.fast_on_cpu:
         if not args.no_compile:
-            providers.insert(0, ("pevideo fast+compile", fast, compiled_block_fns()))
+            backend = getattr(args, "compile_backend", None)
+            providers.insert(0, ("pevideo fast+compile", fast,
+                                 compiled_block_fns(**({"backend": backend} if backend else {}))))
         providers.insert(0, ("pevideo fast", fast, EAGER_BLOCK_FNS))
     if hf is not None:
         providers.append(("transformers (sdpa)", hf, None))
 
     rate = matmul_rate(device, dtype)
     results: list[Result] = []
+    graph_jobs = []  # (batch, lengths, pevideo fast's call, its kernel report)
     for bname, lengths in batches.items():
         pixels, mask = _inputs(config, lengths, FULL_FRAMES, device, dtype)
         fns, peaks, kernels = {}, {}, {}
         for pname, model, block_fns in providers:
-            def fn(model=model, block_fns=block_fns):
+            def fn(model=model, block_fns=block_fns, pixels=pixels, mask=mask):
                 if block_fns is not None:
                     model.vit.block_fns = block_fns  # fast and fast+compile share one model
                 if isinstance(model, type(eager)):
@@ -215,16 +221,35 @@ def run(args) -> dict:
                 sync(device)
             peaks[pname] = torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None
             kernels[pname] = dict(model._ops.report) if hasattr(model, "_ops") else None
+        if "pevideo fast" in fns:
+            graph_jobs.append((bname, lengths, fns["pevideo fast"], kernels["pevideo fast"]))
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             timings = time_interleaved(fns, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
                                        device=device)
-        for pname, _, _ in providers:
+        for pname in fns:
             r = Result(pname, bname, len(lengths), sum(lengths), timings[pname], peaks[pname], kernels[pname])
             results.append(r)
             t = r.timing
             print(f"  {bname:>24} | {pname:<20} median {r.ms:9.1f} ms  (min {1e3 * t.min_s:.1f}, "
                   f"max {1e3 * t.max_s:.1f}, {len(t.times_s)} repeats)")
+
+    if getattr(args, "cuda_graphs", False):
+        # Last, so that a capture the work refuses cannot disturb the other timings.
+        for bname, lengths, fast_fn, report in graph_jobs:
+            try:  # the fast tower replayed as one CUDA graph (fixed batch shape): no launch gaps
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    replay = cuda_graph(fast_fn, device)
+                    t = time_interleaved({"pevideo fast": fast_fn, "pevideo fast+graph": replay}, warmup=1,
+                                         repeats=args.repeats, budget_s=args.budget, device=device)
+            except Exception as exc:  # noqa: BLE001  (capture refused: say why)
+                notes.append(f"{bname}: CUDA graph not used: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            notes.append(f"{bname}: 'pevideo fast+graph' timed after the others, interleaved with 'pevideo fast' "
+                         f"alone (there {1e3 * t['pevideo fast'].median_s:.1f} ms)")
+            results.append(Result("pevideo fast+graph", bname, len(lengths), sum(lengths), t["pevideo fast+graph"],
+                                  None, report))
 
     machine = machine_info(device, dtype=str(dtype).replace("torch.", ""), matmul_tflops=rate / 1e12)
     rows = []
@@ -253,7 +278,30 @@ def run(args) -> dict:
                      "interleaved": True},
         "machine": machine,
         "results": rows,
+        "notes": notes,
     }
+
+
+def cuda_graph(fn, device):
+    """``fn`` captured once as a CUDA graph (after warm-up calls on a side stream, so autotuning and
+    first-call checks stay out of the capture); returns a function that replays it. Raises where the
+    work cannot be captured (e.g. a host sync on the way)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize(device)
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 def print_table(report: dict) -> None:
@@ -343,6 +391,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-on-cpu", action="store_true", help="also time fast=True on CPU (falls back or interprets)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' model")
     p.add_argument("--no-compile", action="store_true", help="skip the 'pevideo fast+compile' provider")
+    p.add_argument("--no-fast", action="store_true", help="skip the fast providers (e.g. when a kernel check failed)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend for 'pevideo fast+compile' (default inductor; 'eager' only traces)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time 'pevideo fast' replayed as a CUDA graph (GPU; skipped with a note where capture fails)")
     p.add_argument("--out", default="pevideo-bench", help="folder for the JSON and the PNG chart")
     p.add_argument("--tag", default="model", help="file names are <device>-<tag>.json/.png (default %(default)s)")
 

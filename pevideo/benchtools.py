@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 
 __all__ = ["cpu_name", "machine_info", "machine_label", "machine_slug", "Timing", "time_fn", "time_interleaved",
-           "wall_clock", "cuda_events", "write_json", "sync"]
+           "wall_clock", "cuda_events", "write_json", "sync", "gpu_clocks", "parse_clocks", "package_versions", "ceilings"]
 
 
 def cpu_name() -> str:
@@ -205,13 +206,95 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5, budg
 
 def write_json(path: str, report: dict, machine: dict | None = None) -> str:
     """Write ``report`` as JSON at ``path`` (folders made as needed), with ``machine`` (default: this
-    machine, :func:`machine_info`) and the date filled in where the report lacks them."""
+    machine, :func:`machine_info`) and the date filled in where the report lacks them. The file is
+    replaced whole (written aside, then renamed), so a reader never sees half of it."""
     report = dict(report)
     if "machine" not in report:
         report["machine"] = machine if machine is not None else machine_info()
     report.setdefault("date", datetime.datetime.now().isoformat(timespec="seconds"))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, default=str)
         f.write("\n")
+    os.replace(tmp, path)
     return path
+
+
+_CLOCK_FIELDS = {"clocks.sm": "sm_mhz", "clocks.mem": "mem_mhz", "clocks.max.sm": "sm_max_mhz",
+                 "clocks.max.mem": "mem_max_mhz", "power.draw": "power_w", "temperature.gpu": "temperature_c",
+                 "pstate": "pstate", "clocks_throttle_reasons.active": "throttle_reasons"}
+_CORE_CLOCK_FIELDS = 4  # the first four: every nvidia-smi knows them (a later one may be renamed)
+
+
+def parse_clocks(line: str, fields: list[str]) -> dict:
+    """One ``nvidia-smi --format=csv,noheader,nounits`` row -> {our name: number, or text as given}."""
+    clocks = {}
+    for name, v in zip(fields, (x.strip() for x in line.split(","))):
+        try:
+            clocks[_CLOCK_FIELDS[name]] = float(v)
+        except ValueError:
+            clocks[_CLOCK_FIELDS[name]] = v
+    return clocks
+
+
+def gpu_clocks(index: int = 0) -> dict | None:
+    """The GPU's clocks, power and temperature now, as ``nvidia-smi`` reads them (read-only; a GPU that
+    clocks down mid-run shows here), or None without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        return None
+    error = None
+    for fields in (list(_CLOCK_FIELDS), list(_CLOCK_FIELDS)[:_CORE_CLOCK_FIELDS]):
+        try:
+            out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=" + ",".join(fields),
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return {"error": f"nvidia-smi: {type(exc).__name__}: {exc}"}
+        if out.returncode == 0 and out.stdout.strip():
+            return parse_clocks(out.stdout.strip().splitlines()[0], fields)
+        error = f"nvidia-smi exit {out.returncode}: {(out.stderr or out.stdout).strip()[:200]}"
+    return {"error": error}
+
+
+def package_versions(*names: str) -> dict:
+    """Installed version of each distribution (None where it is missing): what a result depends on."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def ceilings(device, *, gemm_n: int | None = None, copy_bytes: int | None = None, rep_ms: float = 100.0) -> dict:
+    """The two ceilings every figure is put against, measured now: a device-to-device copy's GB/s
+    (bytes read + written) and a square matmul's TFLOP/s on random data (bf16 on a GPU, float32 on CPU).
+    GPU: CUDA-event bursts (``triton.testing.do_bench``, median); CPU: the wall clock."""
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    gemm_n = gemm_n or (8192 if gpu else 512)
+    copy_bytes = copy_bytes or ((2 if gpu else 1 / 16) * 2**30)
+    copy_bytes = int(copy_bytes)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    sampler = cuda_events(rep_ms) if gpu else wall_clock(dev)
+    a = torch.randn(gemm_n, gemm_n, device=dev, dtype=dtype)
+    b = torch.randn(gemm_n, gemm_n, device=dev, dtype=dtype)
+    mm = time_fn(lambda: torch.mm(a, b), warmup=2, repeats=5, min_repeats=3, device=dev, sampler=sampler)
+    del a, b
+    src = torch.randint(0, 256, (copy_bytes,), dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    cp = time_fn(lambda: dst.copy_(src), warmup=2, repeats=5, min_repeats=3, device=dev, sampler=sampler)
+    del src, dst
+    if gpu:
+        torch.cuda.empty_cache()
+    return {
+        "matmul_tflops": 2 * gemm_n**3 / mm.median_s / 1e12, "matmul_tflops_range": [
+            2 * gemm_n**3 / mm.max_s / 1e12, 2 * gemm_n**3 / mm.min_s / 1e12],
+        "matmul_dtype": str(dtype).replace("torch.", ""), "gemm_n": gemm_n,
+        "copy_gbps": 2 * copy_bytes / cp.median_s / 1e9, "copy_gbps_range": [
+            2 * copy_bytes / cp.max_s / 1e9, 2 * copy_bytes / cp.min_s / 1e9],
+        "copy_bytes": copy_bytes,
+    }
