@@ -56,10 +56,12 @@ def test_import_pevideo_and_transformers_from_the_root():
             "spec = importlib.util.find_spec('kernels');"
             "print(spec.origin if spec is not None else None)")
     pe, pk, origin = _run(["-c", code]).split("\n")[:3]
-    assert pe.startswith(ROOT) and pk.startswith(ROOT), (pe, pk)
-    # `kernels` is the installed library (a file in site-packages) or, where none is installed, at most the
-    # tree's empty namespace folder (origin None), never a package of the tree
-    assert origin == "None" or not origin.startswith(ROOT), origin
+    assert pe == os.path.join(ROOT, "pevideo", "__init__.py"), pe
+    assert pk == os.path.join(ROOT, "kernels", "pevideo_kernels", "__init__.py"), pk
+    # `kernels` is the installed library (a file in site-packages, which may sit in a venv inside the
+    # tree) or, where none is installed, at most the tree's empty namespace folder (origin None), never a
+    # module of the tree's kernels/ folder
+    assert origin == "None" or not origin.startswith(os.path.join(ROOT, "kernels") + os.sep), origin
 
 
 def test_cli_help_from_the_root():
