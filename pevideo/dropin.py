@@ -111,16 +111,27 @@ def apply_attn_implementation(config, kind: str, value) -> None:
 # --------------------------------------------------------------------------------------------------
 # forward / get_video_features / get_text_features
 # --------------------------------------------------------------------------------------------------
-def _hidden_state_selection_supported() -> bool:
-    """transformers >= 5.2x takes ``output_hidden_states`` as an index (or indices) too; before, a flag."""
+def _hidden_state_mode() -> str:
+    """How the installed transformers reads an ``output_hidden_states`` that is not a bool: "select" (5.2x:
+    an index or indices into all the hidden states, negative ones from the end), "layers" (5.17: a list of
+    layer indices, one entry per layer output and no initial state), or "flag" (any truthy value = all)."""
     try:
         from transformers.utils import output_capturing
     except ImportError:
-        return False
-    return hasattr(output_capturing, "selected_hidden_states")
+        return "flag"
+    if hasattr(output_capturing, "selected_hidden_states"):
+        return "select"
+    import inspect
+
+    try:
+        return "layers" if "_hidden_states_layers" in inspect.getsource(output_capturing) else "flag"
+    except (OSError, TypeError):
+        return "flag"
 
 
-SELECTION = _hidden_state_selection_supported()
+HIDDEN_STATE_MODE = _hidden_state_mode()
+SELECTION = HIDDEN_STATE_MODE == "select"  # forward asks the text tower for its last hidden state only (-1)
+
 
 # TransformersKwargs that do nothing in upstream's PE Video (SDPA attention) either: accepted silently.
 _FORWARD_NO_EFFECT = frozenset({"num_items_in_batch", "output_router_logits", "is_causal"})
@@ -146,23 +157,30 @@ def check_forward_kwargs(owner: str, kwargs: dict) -> dict:
 class OutputOptions:
     """``output_hidden_states`` / ``output_attentions`` for the video tower, defaults from its config as in
     transformers, and the hidden states it keeps: transformers' layout, (input of layer 0, output of
-    layer 0, ..., output of layer N-2, last_hidden_state); with an index or indices (transformers >= 5.2x)
-    only those are kept, the others None."""
+    layer 0, ..., output of layer N-2, last_hidden_state). Indices select as the installed transformers
+    does (see :func:`_hidden_state_mode`); states not selected are None."""
 
-    def __init__(self, config, num_layers: int, output_hidden_states=None, output_attentions=None):
+    def __init__(self, config, num_layers: int, output_hidden_states=None, output_attentions: bool | None = None):
         ohs = getattr(config, "output_hidden_states", False) if output_hidden_states is None else output_hidden_states
         oa = getattr(config, "output_attentions", False) if output_attentions is None else output_attentions
         self.attentions: list | None = [] if oa else None
         self.hidden_states: list | None = [] if ohs else None  # 0 or [] ask for nothing, as in transformers
-        n = num_layers + 1
         self._keep = None
-        if ohs and SELECTION and not isinstance(ohs, bool):
-            idx = [ohs] if isinstance(ohs, int) else list(ohs)
-            self._keep = {i % n for i in idx if -n <= i < n}
+        self._skip_initial = False
+        if ohs and not isinstance(ohs, bool):
+            if HIDDEN_STATE_MODE == "select":
+                n = num_layers + 1
+                idx = [ohs] if isinstance(ohs, int) else list(ohs)
+                self._keep = {i % n for i in idx if -n <= i < n}
+            elif HIDDEN_STATE_MODE == "layers" and isinstance(ohs, (list, tuple, set)):
+                self._keep, self._skip_initial = set(ohs), True  # layer outputs only, indices as given
         self._layers = num_layers
 
     def layer_input(self, x: torch.Tensor) -> None:
         if self.hidden_states is not None:
+            if self._skip_initial:
+                self._skip_initial = False
+                return
             self._add(x)
 
     def finish(self, out, last_hidden_state: torch.Tensor):

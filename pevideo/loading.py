@@ -410,7 +410,9 @@ class PretrainedMixin:
         #: model has no place for raises CheckpointMismatchError.
         model.ignored_checkpoint_keys = ignored
         model.name_or_path = path  # where the processor and tokenizer of this model are
-        target_dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, stored=_stored_dtype(state))
+        if torch_dtype is not None and dtype in (None, "auto"):  # transformers: dtype first, torch_dtype for BC
+            dtype = torch_dtype
+        target_dtype = resolve_dtype(dtype, stored=_stored_dtype(state))
         del state
         model.to(device=_device_target(device, device_map), dtype=target_dtype)
         model.eval()

@@ -256,6 +256,8 @@ SAME = {
     "trust_remote_code": ("", {"trust_remote_code": True}),
     "torch_dtype": ("", {"torch_dtype": torch.float32}),
     "dtype": ("", {"dtype": "float32"}),
+    "dtype over torch_dtype": ("", {"dtype": torch.float32, "torch_dtype": torch.bfloat16}),
+    "torch_dtype bf16": ("", {"torch_dtype": torch.bfloat16}),
     "local_files_only": ("", {"local_files_only": True}),
     "revision": ("", {"revision": "main"}),
     "use_safetensors": ("", {"use_safetensors": True}),
