@@ -5,7 +5,8 @@ the video tower through pevideo's fused Triton kernels where they can run.
 """
 from .dispatch import PeVideoKernelFallbackWarning
 from .errors import PevideoError, UsageError
-from .loading import CheckpointMismatchError
+from .dropin import PeVideoCompatibilityWarning
+from .errors import CheckpointConfigError, CheckpointMismatchError
 from .modeling import PeVideoEncoder, PeVideoModel, PeVideoOutput, kernel_report
 from .embed import *  # noqa: F403 (the embedding pipeline's API, listed in pevideo.embed.__all__)
 from .embed import __all__ as _embed_all
@@ -33,6 +34,8 @@ __all__ = [
     "PeVideoProcessor",
     "PeVideoKernelFallbackWarning",
     "CheckpointMismatchError",
+    "CheckpointConfigError",
+    "PeVideoCompatibilityWarning",
     "Normalization",
     "PevideoError",
     "UsageError",

@@ -9,109 +9,50 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections import Counter
 
 import torch
 
-from .config import config_from_dict, load_config_dict
+from .config import config_from_dict, load_config_dict, validate_config_dict
+from .dropin import ADAPTER, apply_attn_implementation, take_from_pretrained_kwargs
+from .errors import CheckpointConfigError, CheckpointMismatchError, UsageError
+from .weights import SAFE_INDEX, Weights, dtype_name, is_float_dtype, read_state_dict
 
 __all__ = ["PretrainedMixin", "CheckpointMismatchError", "read_state_dict", "resolve_checkpoint", "resolve_device",
            "resolve_dtype", "parse_dtype"]
 
 _HEAD_KEY = "embedder.vision_model.timm_model.head.weight"
-_SAFE_INDEX = "model.safetensors.index.json"
-_BIN_INDEX = "pytorch_model.bin.index.json"
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's tensors don't fit the model its config describes."""
-
-
-def resolve_checkpoint(name_or_path: str | os.PathLike, **hub_kwargs) -> str:
-    """A local folder as is; otherwise a Hugging Face Hub repo id, downloaded (config and weights only)."""
+def resolve_checkpoint(name_or_path: str | os.PathLike, subfolder: str = "", **hub_kwargs) -> str:
+    """A local folder as is; otherwise a Hugging Face Hub repo id, downloaded (config and weights only).
+    ``subfolder``: the checkpoint lies in that folder of it, as in transformers."""
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
+        if subfolder:
+            sub = os.path.join(path, subfolder)
+            if not os.path.isdir(sub):
+                raise FileNotFoundError(f"no folder {subfolder!r} in checkpoint {path!r} (subfolder=)")
+            return sub
         return path
     if os.path.exists(path):
         raise ValueError(f"{path!r} is a file; from_pretrained takes the checkpoint's folder")
     if path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep in path.replace("/", ""):
         raise FileNotFoundError(f"no checkpoint folder at {path!r}")
+    patterns = ["*.json", "*.safetensors", "*.bin"]
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(
-            path, allow_patterns=["*.json", "*.safetensors", "*.bin"], **{k: v for k, v in hub_kwargs.items() if v is not None}
+        snap = snapshot_download(
+            path, allow_patterns=[f"{subfolder.strip('/')}/{p}" for p in patterns] if subfolder else patterns,
+            **{k: v for k, v in hub_kwargs.items() if v is not None},
         )
     except Exception as exc:
         raise FileNotFoundError(
             f"{path!r} is not a local checkpoint folder, and fetching it from the Hugging Face Hub failed: {exc}"
         ) from exc
-
-
-def _weight_files(path: str) -> list[str]:
-    """The checkpoint's weight files (safetensors preferred; sharded or single file)."""
-
-    def _index(name):
-        with open(os.path.join(path, name), encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [x for x in files if not os.path.isfile(os.path.join(path, x))]
-        if missing:
-            raise FileNotFoundError(f"checkpoint {path!r} is missing shard file(s) {missing} listed in {name}")
-        return files
-
-    if os.path.isfile(os.path.join(path, _SAFE_INDEX)):
-        return _index(_SAFE_INDEX)
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return ["model.safetensors"]
-    if os.path.isfile(os.path.join(path, _BIN_INDEX)):
-        return _index(_BIN_INDEX)
-    if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-        return ["pytorch_model.bin"]
-    raise FileNotFoundError(f"no weights in {path!r} (expected model.safetensors or a sharded index)")
-
-
-def _open_weights(full: str):
-    """(key -> shape, get(key) -> tensor) of one weights file; safetensors reads only its header here."""
-    try:
-        if full.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            f = safe_open(full, framework="pt")
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.get_tensor
-        try:  # mmap: shapes without reading the data (zip-format .bin files, torch >= 1.6)
-            state = torch.load(full, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            state = torch.load(full, map_location="cpu", weights_only=True)
-        return {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__
-    except Exception as exc:
-        raise ValueError(f"could not read weights file {full!r}: {exc}") from exc
-
-
-class _Weights:
-    """A checkpoint's tensors by name: shapes from the files' headers, tensors read on demand."""
-
-    def __init__(self, path: str):
-        self.shapes: dict[str, tuple] = {}
-        self._get: dict[str, object] = {}
-        for fn in _weight_files(path):
-            full = os.path.join(path, fn)
-            shapes, get = _open_weights(full)
-            for k, shape in shapes.items():
-                self.shapes.setdefault(k, shape)
-                self._get.setdefault(k, (get, full))
-
-    def load(self, key: str) -> torch.Tensor:
-        get, full = self._get[key]
-        try:
-            return get(key)
-        except Exception as exc:
-            raise ValueError(f"could not read tensor {key!r} from weights file {full!r}: {exc}") from exc
-
-
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder (safetensors preferred; sharded or single file)."""
-    w = _Weights(path)
-    return {k: w.load(k) for k in w.shapes}
+    return os.path.join(snap, subfolder) if subfolder else snap
 
 
 # Tensors of upstream towers that pevideo doesn't build, by the checkpoint's model_type and the model
@@ -137,21 +78,48 @@ def _layout(kind: str, model_type: str | None) -> tuple[tuple[str, ...], tuple[s
     return (), ()
 
 
-def _map_keys(keys, kind: str, model_type: str | None) -> tuple[dict[str, str], list[str]]:
-    """Checkpoint keys -> {model key: checkpoint key}, and the keys of towers pevideo doesn't build."""
+def _map_keys(keys: list[tuple[str, str]], kind: str, model_type: str | None):
+    """Checkpoint keys (``(name, key as stored)``, names after ``key_mapping``) -> ``{model key: stored
+    key}``, the stored keys of towers pevideo doesn't build, and ``(model key, stored key)`` for every
+    further tensor mapping to a model key already taken (a tied tensor saved twice: PeAudioVideo's text tower)."""
     strip, other = _layout(kind, model_type)
-    mapped, ignored = {}, []
-    for key in keys:
+    mapped, ignored, aliases = {}, [], []
+    for key, stored in keys:
         if key.startswith(other):
-            ignored.append(key)
+            ignored.append(stored)
             continue
         new = key
         for p in strip:
             if key.startswith(p):
                 new = key[len(p) :]
                 break
-        mapped.setdefault(new, key)  # a tied tensor saved twice (PeAudioVideo's text tower) maps once
-    return mapped, sorted(ignored)
+        if new in mapped:
+            aliases.append((new, stored))
+        else:
+            mapped[new] = stored
+    return mapped, sorted(ignored), aliases
+
+
+def _infer_model_type(keys) -> str:
+    """The layout of a checkpoint with no config.json to say it (``config=`` / ``state_dict=`` given)."""
+    if any(k.startswith(("video_model.", "audio_video_encoder.")) for k in keys):
+        return "pe_audio_video"
+    return "pe_video" if any(k.startswith("video_encoder.") for k in keys) else "pe_video_encoder"
+
+
+def _apply_key_mapping(keys, key_mapping: dict | None) -> list[tuple[str, str]]:
+    """transformers' ``key_mapping``: {regex: replacement} applied to checkpoint keys; -> (new name, stored key)."""
+    if not key_mapping:
+        return [(k, k) for k in keys]
+    if not isinstance(key_mapping, dict):
+        raise UsageError(f"key_mapping must be a dict of regex -> replacement, got {type(key_mapping).__name__}")
+    out = []
+    for stored in keys:
+        name = stored
+        for pattern, repl in key_mapping.items():  # in order, each that matches (as transformers 5.x)
+            name = re.sub(pattern, repl, name)
+        out.append((name, stored))
+    return out
 
 
 def _stored_dtype(state: dict) -> torch.dtype:
@@ -261,9 +229,20 @@ def _check_depths(config, kind: str, shapes: dict, source: str) -> None:
         raise CheckpointMismatchError(_mismatch_message(source, [("layer count(s) differ", bad)]))
 
 
-def _check_fit(own: dict, ckpt: dict, source: str) -> None:
+def _check_aliases(state: dict, names: dict, aliases: list, weights) -> None:
+    """A tensor stored under two names that map to one model tensor (tied) must hold the same values."""
+    from .weights import _same_bytes
+
+    differ = [f"{names[k]} and {other}" for k, other in aliases if not _same_bytes(state[k], weights.load(other))]
+    if differ:
+        raise CheckpointMismatchError("checkpoint tensors that are one tensor of the model (tied) hold different "
+                                      "values: " + "; ".join(differ[:10]) + (" ..." if len(differ) > 10 else ""))
+
+
+def _check_fit(own: dict, ckpt: dict, source: str, not_float: list[str] = ()) -> None:
     """Model tensor shapes ``own`` against checkpoint shapes ``ckpt`` (both name -> shape); raise one
-    error listing every missing, unexpected and wrongly shaped tensor.
+    error listing every missing, unexpected and wrongly shaped tensor, and ``not_float``: tensors stored as
+    integers or bools where the model holds float weights (copied in, they would load as garbage).
 
     Unexpected tensors raise rather than being ignored (transformers warns and goes on): a tensor the
     model has no place for means the checkpoint is not the architecture config.json describes (a newer
@@ -275,12 +254,61 @@ def _check_fit(own: dict, ckpt: dict, source: str) -> None:
     unexpected = sorted(k for k in ckpt if k not in own)
     wrong = sorted(f"{k}: checkpoint {tuple(ckpt[k])} vs model {tuple(own[k])}"
                    for k in own if k in ckpt and tuple(ckpt[k]) != tuple(own[k]))
-    if missing or unexpected or wrong:
+    if missing or unexpected or wrong or not_float:
         raise CheckpointMismatchError(_mismatch_message(source, [
             ("tensor(s) missing from the checkpoint", missing),
             ("tensor(s) not in the model (pevideo refuses tensors it has no place for)", unexpected),
             ("tensor(s) of the wrong shape", wrong),
+            ("tensor(s) stored as integers or bools where the model has float weights", sorted(not_float)),
         ]))
+
+
+def _device_target(device, device_map):
+    # transformers' placement strategies put everything on the one GPU when there is one; pevideo always does
+    if device is None and device_map in ("balanced", "balanced_low_0", "sequential"):
+        return resolve_device("auto")
+    return _map_device(device, device_map)
+
+
+def _read_config(kind: str, owner: str, path: str | None, config, overrides: dict, hub: dict):
+    """(config, config.json source for messages, config.json dict or None) from the checkpoint's config.json,
+    or from ``config=`` (a config object, or a folder / file / Hub id holding one), with ``overrides``."""
+    from transformers import PeVideoConfig, PeVideoEncoderConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        if overrides:  # transformers hands them to the model's __init__, which takes none
+            raise TypeError(f"{owner}.from_pretrained() got an unexpected keyword argument {next(iter(overrides))!r}")
+        cfg = copy.deepcopy(config)
+        if kind == "pe_video_encoder" and isinstance(cfg, PeVideoConfig):
+            cfg = cfg.video_config
+        want = PeVideoConfig if kind == "pe_video" else PeVideoEncoderConfig
+        if not isinstance(cfg, want):
+            raise UsageError(f"{owner}.from_pretrained(config=...) takes a {want.__name__}, got {type(config).__name__}")
+        on_disk = None
+        if path is not None and os.path.isfile(os.path.join(path, "config.json")):
+            try:
+                on_disk = load_config_dict(path)
+            except CheckpointConfigError:
+                on_disk = None  # config= stands in for it
+        return cfg, "config=", on_disk
+    where = path
+    if config is not None:
+        where = os.fspath(config)
+        if not os.path.exists(where):
+            where = resolve_checkpoint(where, **hub)
+    source = where if os.path.isfile(where) else os.path.join(where, "config.json")
+    d = load_config_dict(where)
+    validate_config_dict(d, source, kind)
+    try:
+        built = config_from_dict(d, kind, **overrides)
+    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as exc:
+        raise CheckpointConfigError(f"{source}: {type(exc).__name__}: {exc}") from exc
+    if overrides:
+        built, unused = built
+        if unused:
+            raise TypeError(f"{owner}.from_pretrained() got an unexpected keyword argument {next(iter(unused))!r} "
+                            "(neither a from_pretrained option nor a config attribute)")
+    return built, source, d
 
 
 class PretrainedMixin:
@@ -299,10 +327,21 @@ class PretrainedMixin:
         torch_dtype=None,
         device=None,
         device_map=None,
+        config=None,
+        state_dict: dict | None = None,
         revision: str | None = None,
         cache_dir: str | None = None,
-        token: str | None = None,
+        token: str | bool | None = None,
         local_files_only: bool = False,
+        subfolder: str = "",
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        weights_only: bool = True,
+        disable_mmap: bool = False,
+        key_mapping: dict | None = None,
+        attn_implementation=None,
+        output_loading_info: bool = False,
+        **kwargs,
     ):
         """Load a transformers checkpoint folder (or Hub repo id).
 
@@ -312,26 +351,56 @@ class PretrainedMixin:
         ``dtype``: "auto" (the checkpoint's), a torch dtype, or "bfloat16"/"float16"/"float32".
         ``device`` / ``device_map``: where to put the model ("auto" = CUDA when available).
         PeAudioVideo checkpoints (e.g. facebook/pe-av-large) load too: their video and text towers.
+
+        transformers' other keywords work as there (``config``, ``state_dict``, ``subfolder``, ``variant``,
+        ``use_safetensors``, ``key_mapping``, ``output_loading_info``, the Hub's, config attributes such as
+        ``return_dict=False``), or are accepted with a one-time warning where they cannot apply
+        (``attn_implementation`` sets the text tower's only; see :mod:`pevideo.dropin` and README).
         """
-        path = resolve_checkpoint(
-            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
-            local_files_only=local_files_only or None,
-        )
-        config_dict = load_config_dict(path)
-        config = config_from_dict(config_dict, cls._config_kind)
-        weights = _Weights(path)  # headers only: nothing is read or built before the checks below
-        names, ignored = _map_keys(weights.shapes, cls._config_kind, config_dict.get("model_type"))
+        owner = cls.__name__
+        kind = cls._config_kind
+        hub = take_from_pretrained_kwargs(owner, kwargs)
+        hub.update(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only or None)
+        path = None
+        if pretrained_model_name_or_path is not None:
+            if state_dict is not None:
+                raise UsageError(f"{owner}.from_pretrained: give a checkpoint or state_dict=, not both")
+            path = resolve_checkpoint(pretrained_model_name_or_path, subfolder=subfolder, **hub)
+            if os.path.isfile(os.path.join(path, "adapter_config.json")):  # transformers would load base + adapter
+                raise UsageError(f"{path}: holds a PEFT adapter (adapter_config.json); {ADAPTER}")
+        elif state_dict is None or config is None:
+            raise UsageError(f"{owner}.from_pretrained(None, ...) needs both config= and state_dict=")
+        config, cfg_source, on_disk = _read_config(kind, owner, path, config, kwargs, hub)
+        apply_attn_implementation(config, kind, attn_implementation)
+        if state_dict is not None:
+            weights = Weights.from_state_dict(state_dict)
+        else:  # headers only: nothing is read or built before the checks below
+            weights = Weights(path, use_safetensors=use_safetensors, variant=variant, weights_only=weights_only,
+                              disable_mmap=disable_mmap)
+        source = path or "state_dict"
+        model_type = on_disk.get("model_type") if on_disk else _infer_model_type(weights.shapes)
+        names, ignored, aliases = _map_keys(_apply_key_mapping(weights.shapes, key_mapping), kind, model_type)
         shapes = {k: weights.shapes[c] for k, c in names.items()}
-        head_key = ("video_encoder." if cls._config_kind == "pe_video" else "") + _HEAD_KEY
+        head_key = ("video_encoder." if kind == "pe_video" else "") + _HEAD_KEY
         if head_key not in shapes:
-            raise CheckpointMismatchError(f"checkpoint {path!r} has no frame-encoder head ({head_key})")
+            raise CheckpointMismatchError(f"checkpoint {source!r} has no frame-encoder head ({head_key})")
         num_classes = shapes[head_key][0]  # transformers' config can't be trusted for this width
-        _check_depths(config, cls._config_kind, shapes, path)
-        with torch.device("meta"):  # the model's shapes, without allocating it
-            skeleton = cls(config, num_classes=num_classes)
-        _check_fit({k: v.shape for k, v in skeleton.state_dict().items()}, shapes, path)
-        del skeleton
+        try:
+            _check_depths(config, kind, shapes, source)
+            with torch.device("meta"):  # the model's shapes, without allocating it
+                skeleton = cls(config, num_classes=num_classes)
+        except (CheckpointMismatchError, CheckpointConfigError):
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, ImportError) as exc:
+            raise CheckpointConfigError(f"{cfg_source}: cannot build the model it describes: {exc}") from exc
+        own = skeleton.state_dict()
+        not_float = [f"{k}: {dtype_name(weights.dtypes[names[k]])} in {weights.file_of[names[k]]}"
+                     for k, v in own.items() if k in names and v.is_floating_point()
+                     and not is_float_dtype(weights.dtypes[names[k]])]
+        _check_fit({k: v.shape for k, v in own.items()}, shapes, source, not_float)
+        del skeleton, own
         state = {k: weights.load(c) for k, c in names.items()}
+        _check_aliases(state, names, aliases, weights)
         model = cls(config, fast=fast, compile=compile, num_classes=num_classes)
         with torch.no_grad():
             for k, t in model.state_dict().items():
@@ -341,10 +410,16 @@ class PretrainedMixin:
         #: model has no place for raises CheckpointMismatchError.
         model.ignored_checkpoint_keys = ignored
         model.name_or_path = path  # where the processor and tokenizer of this model are
-        target_dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, stored=_stored_dtype(state))
+        if torch_dtype is not None and dtype in (None, "auto"):  # transformers: dtype first, torch_dtype for BC
+            dtype = torch_dtype
+        target_dtype = resolve_dtype(dtype, stored=_stored_dtype(state))
         del state
-        model.to(device=_map_device(device, device_map), dtype=target_dtype)
-        return model.eval()
+        model.to(device=_device_target(device, device_map), dtype=target_dtype)
+        model.eval()
+        if output_loading_info:  # strict loading: nothing missing or mismatched ever gets this far
+            return model, {"missing_keys": set(), "unexpected_keys": set(ignored), "mismatched_keys": set(),
+                           "error_msgs": []}
+        return model
 
     def _export_config(self) -> dict:
         cfg = copy.deepcopy(self.config)
@@ -373,12 +448,12 @@ class PretrainedMixin:
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
         for fn in os.listdir(out):  # stale shards of an earlier save would confuse the index
-            if fn.startswith("model") and (fn.endswith(".safetensors") or fn == _SAFE_INDEX):
+            if fn.startswith("model") and (fn.endswith(".safetensors") or fn == SAFE_INDEX):
                 os.remove(os.path.join(out, fn))
         for fn, keys in split.filename_to_tensors.items():
             save_file({k: state[k] for k in keys}, os.path.join(out, fn), metadata={"format": "pt"})
         if split.is_sharded:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": split.tensor_to_filename}
-            with open(os.path.join(out, _SAFE_INDEX), "w", encoding="utf-8") as f:
+            with open(os.path.join(out, SAFE_INDEX), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2, sort_keys=True)

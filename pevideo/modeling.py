@@ -17,10 +17,12 @@ from transformers.models.pe_video.modeling_pe_video import PeVideoOutput
 
 from .config import vit_args
 from .dispatch import Ops
+from .dropin import OutputOptions, attention_probs, check_forward_kwargs, text_tower_kwargs
 from .inputs_check import check_mask, check_pixels, check_text, check_uint8_videos, resolve_normalization
 from .loading import PretrainedMixin
 from .normalization import Normalization
 from .rope import rope_1d
+from .temporal import PatchEmbedder, RMSNorm
 from .vit import VisionModel, compiled_block_fns
 
 __all__ = ["PeVideoEncoder", "PeVideoModel", "PeVideoOutput", "kernel_report"]
@@ -29,74 +31,6 @@ __all__ = ["PeVideoEncoder", "PeVideoModel", "PeVideoOutput", "kernel_report"]
 # --------------------------------------------------------------------------------------------------
 # Temporal encoder pieces (names as in transformers' modeling_pe_video)
 # --------------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x):
-        dt = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dt)
-
-
-class MaskedGroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics cover real positions only; padded positions come out as zeros."""
-
-    def forward(self, x, mask=None):  # x (B, C, S), mask (B, S) bool
-        if mask is None:
-            return super().forward(x)
-        b, c, s = x.shape
-        g = self.num_groups
-        xg = x.view(b, g, c // g, s)
-        m = mask.view(b, 1, 1, s).to(x.dtype)
-        count = m.sum(dim=(2, 3), keepdim=True) * (c // g)
-        mean = (xg * m).sum(dim=(2, 3), keepdim=True) / count
-        var = (((xg - mean) * m) ** 2).sum(dim=(2, 3), keepdim=True) / count
-        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(b, c, s)
-        if self.affine:
-            y = y * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
-        return y * mask.view(b, 1, s).to(y.dtype)
-
-
-class ConvBlock1d(nn.Module):
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.groupnorm = MaskedGroupNorm(num_groups=1, num_channels=hidden)
-        self.activation = nn.SiLU()
-        self.project = nn.Conv1d(hidden, hidden, kernel_size=3, padding="same")
-
-    def forward(self, x, mask=None):
-        return self.project(self.activation(self.groupnorm(x, mask)))
-
-
-class ResnetBlock1d(nn.Module):
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.block1 = ConvBlock1d(hidden)
-        self.block2 = ConvBlock1d(hidden)
-
-    def forward(self, x, mask=None):  # x (B, S, C)
-        h = x.transpose(1, 2)
-        h = h + self.block2(self.block1(h, mask), mask)
-        return h.transpose(1, 2)
-
-
-class PatchEmbedder(nn.Module):
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.resnet_block = ResnetBlock1d(hidden)
-        self.class_embedding = nn.Parameter(torch.randn(1, 1, hidden) * hidden**-0.5 * 0.02)
-
-    def forward(self, embeds, mask=None):
-        x = torch.cat([self.class_embedding.expand(embeds.shape[0], -1, -1).to(embeds.dtype), embeds], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask[:, :1], mask], dim=1)  # the class token takes the first frame's mask, as upstream
-        return self.resnet_block(x, mask), mask
-
-
 class Embedder(nn.Module):
     def __init__(self, config: PeVideoEncoderConfig, ops: Ops, num_classes: int | None):
         super().__init__()
@@ -121,11 +55,13 @@ class EncoderAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self._ops = ops
 
-    def forward(self, x, rope, mask):
+    def forward(self, x, rope, mask, probs: list | None = None):
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if probs is not None:  # output_attentions: computed apart, the op itself never forms them
+            probs.append(attention_probs(q, k, rope[0], rope[1], mask))
         out = self._ops.attention(
             "temporal_attention", q, k, v, coords=rope[0], freqs=rope[1], key_padding_mask=mask
         )
@@ -152,8 +88,8 @@ class EncoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, rope, mask):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+    def forward(self, x, rope, mask, probs: list | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, probs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -277,7 +213,7 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
             self._rope_cache[key] = hit
         return hit
 
-    def _run(self, frames, b: int, t: int, mask, real, norm):
+    def _run(self, frames, b: int, t: int, mask, real, norm, opts: OutputOptions | None = None):
         if mask is not None and real.numel() == b * t:
             real = None  # nothing is padding: skip the gather and scatter
         emb = self.encode_frames(frames, real, norm)
@@ -290,20 +226,31 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
             mask = mask.to(x.device)
         x, mask = self.patch_embedder(x, mask)
         rope = self._temporal_rope(b, x.shape[1], x.device)
+        opts = opts or OutputOptions(self.config, len(self.layers))
         for layer in self.layers:
-            x = layer(x, rope, mask)
+            opts.layer_input(x)
+            x = layer(x, rope, mask, opts.attentions)
         x = self.output(self.norm(x))
-        out = BaseModelOutputWithPooling(last_hidden_state=x[:, 1:], pooler_output=x[:, 0])
+        lhs = x[:, 1:]
+        out = opts.finish(BaseModelOutputWithPooling(last_hidden_state=lhs, pooler_output=x[:, 0]), lhs)
         self._ops.warn_fallbacks()
         return out
 
-    def forward(self, pixel_values_videos: torch.Tensor, padding_mask_videos: torch.Tensor | None = None, return_dict: bool | None = None):
+    def forward(self, pixel_values_videos: torch.Tensor, padding_mask_videos: torch.Tensor | None = None,
+                return_dict: bool | None = None, output_hidden_states=None, output_attentions: bool | None = None,
+                **kwargs):
+        """``output_hidden_states`` / ``output_attentions`` / ``return_dict`` as transformers' (defaults from
+        the config): hidden states of every temporal layer, (batch, frames + 1, hidden) with the class token
+        first, the last one ``last_hidden_state``; attentions (batch, heads, frames + 1, frames + 1)."""
+        check_forward_kwargs(f"{type(self).__name__}.forward", kwargs)
         self._ops.reset()
         pv = pixel_values_videos
         check_pixels(pv, self.vit.args.img_size)
         b, t = pv.shape[:2]
         mask, real = check_mask(padding_mask_videos, b, t, pv.device)
-        out = self._run(pv.reshape(b * t, *pv.shape[2:]), b, t, mask, real, None)
+        opts = OutputOptions(self.config, len(self.layers), output_hidden_states, output_attentions)
+        out = self._run(pv.reshape(b * t, *pv.shape[2:]), b, t, mask, real, None, opts)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         return out if return_dict is not False else out.to_tuple()
 
     def forward_uint8(
@@ -315,6 +262,8 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         image_mean=None,
         image_std=None,
         rescale_factor: float | None = None,
+        output_hidden_states=None,
+        output_attentions: bool | None = None,
     ) -> BaseModelOutputWithPooling:
         """:meth:`forward` on resized uint8 frames ``videos`` (batch, frames, S, S, 3), normalizing inside
         the patchify op: ``(x * rescale - mean) / std`` per channel, as the processor would. Saves
@@ -328,7 +277,8 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         check_uint8_videos(videos, self.vit.args.img_size)
         b, t = videos.shape[:2]
         mask, real = check_mask(padding_mask_videos, b, t, videos.device)
-        return self._run(videos.reshape(b * t, *videos.shape[2:]), b, t, mask, real, norm)
+        opts = OutputOptions(self.config, len(self.layers), output_hidden_states, output_attentions)
+        return self._run(videos.reshape(b * t, *videos.shape[2:]), b, t, mask, real, norm, opts)
 
 
 class ContrastiveHead(nn.Module):
@@ -379,35 +329,45 @@ class PeVideoModel(PretrainedMixin, nn.Module):
     def dtype(self) -> torch.dtype:
         return self.video_head.proj.weight.dtype
 
-    def get_video_features(self, pixel_values_videos, padding_mask_videos=None, return_dict: bool | None = None):
+    def get_video_features(self, pixel_values_videos, padding_mask_videos=None, return_dict: bool | None = None,
+                           output_hidden_states=None, output_attentions: bool | None = None, **kwargs):
         """Video tower outputs with ``pooler_output`` replaced by the video embedding (videos, D)."""
-        out = self.video_encoder(pixel_values_videos, padding_mask_videos)
+        check_forward_kwargs("get_video_features", kwargs)
+        out = self.video_encoder(pixel_values_videos, padding_mask_videos, return_dict=True,
+                                 output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         out.pooler_output = self.video_head(out.pooler_output)
-        return out if return_dict is not False else out.to_tuple()
+        return out if self._return_dict(return_dict) else out.to_tuple()
 
     def get_video_features_uint8(self, videos, padding_mask_videos=None, normalization=None, *, image_mean=None,
-                                 image_std=None, rescale_factor=None):
+                                 image_std=None, rescale_factor=None, output_hidden_states=None, output_attentions=None):
         """:meth:`get_video_features` on resized uint8 frames (batch, frames, S, S, 3), normalized by
         ``normalization`` (``processor.normalization``); see :meth:`PeVideoEncoder.forward_uint8`. The
         video encoder's own pooled output (before the head) stays at ``encoder_pooler_output``."""
         out = self.video_encoder.forward_uint8(videos, padding_mask_videos, normalization, image_mean=image_mean,
-                                               image_std=image_std, rescale_factor=rescale_factor)
+                                               image_std=image_std, rescale_factor=rescale_factor,
+                                               output_hidden_states=output_hidden_states,
+                                               output_attentions=output_attentions)
         out.encoder_pooler_output = out.pooler_output
         out.pooler_output = self.video_head(out.pooler_output)
         return out
 
-    def get_text_features(self, input_ids, attention_mask=None, return_dict: bool | None = None):
+    def get_text_features(self, input_ids, attention_mask=None, return_dict: bool | None = None,
+                          output_hidden_states=None, output_attentions: bool | None = None, **kwargs):
         """Text tower outputs with ``pooler_output`` = the text embedding (texts, D) of token 0.
 
         (Upstream's in-``__init__`` draft applied the head to every token; this returns what
         ``forward`` uses as ``text_video_embeds``.)
         """
+        extra = check_forward_kwargs("get_text_features", kwargs)
         self._ops.reset()
-        out = self._text(input_ids, attention_mask)
+        out = self._text(input_ids, attention_mask, text_tower_kwargs(output_hidden_states, output_attentions, extra, False))
         out.pooler_output = self.text_video_head(out.last_hidden_state[:, 0])
-        return out if return_dict is not False else out.to_tuple()
+        return out if self._return_dict(return_dict) else out.to_tuple()
 
-    def _text(self, input_ids, attention_mask):
+    def _return_dict(self, return_dict) -> bool:
+        return (self.config.return_dict if return_dict is None else return_dict) is not False
+
+    def _text(self, input_ids, attention_mask, tower_kwargs: dict):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer tensor (texts, tokens), got {shape}")
@@ -418,7 +378,8 @@ class PeVideoModel(PretrainedMixin, nn.Module):
         check_text(input_ids, attention_mask, self.config.text_config.vocab_size)
         dev = self.device
         return self.text_model(
-            input_ids=input_ids.to(dev), attention_mask=None if attention_mask is None else attention_mask.to(dev)
+            input_ids=input_ids.to(dev), attention_mask=None if attention_mask is None else attention_mask.to(dev),
+            return_dict=True, **tower_kwargs,
         )
 
     def forward(
@@ -429,9 +390,16 @@ class PeVideoModel(PretrainedMixin, nn.Module):
         padding_mask_videos: torch.Tensor | None = None,
         return_loss: bool | None = None,
         return_dict: bool | None = None,
+        output_hidden_states=None,
+        output_attentions: bool | None = None,
+        **kwargs,
     ) -> PeVideoOutput:
-        video_outputs = self.video_encoder(pixel_values_videos, padding_mask_videos)
-        text_outputs = self._text(input_ids, attention_mask)
+        extra = check_forward_kwargs(f"{type(self).__name__}.forward", kwargs)
+        video_outputs = self.video_encoder(pixel_values_videos, padding_mask_videos, return_dict=True,
+                                           output_hidden_states=output_hidden_states,
+                                           output_attentions=output_attentions)
+        text_outputs = self._text(input_ids, attention_mask,
+                                  text_tower_kwargs(output_hidden_states, output_attentions, extra, True))
         video_embeds = self.video_head(video_outputs.pooler_output)
         text_video_embeds = self.text_video_head(text_outputs.last_hidden_state[:, 0])
         logits = video_embeds @ text_video_embeds.t()
@@ -452,4 +420,4 @@ class PeVideoModel(PretrainedMixin, nn.Module):
             text_outputs=text_outputs,
             video_outputs=video_outputs,
         )
-        return out if return_dict is not False else out.to_tuple()
+        return out if self._return_dict(return_dict) else out.to_tuple()

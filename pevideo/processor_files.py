@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .config import checkpoint_config_dict, load_config_dict, vit_args
+from .config import read_checkpoint_config, vit_args
 
 __all__ = ["checkpoint_frame_size", "load_tokenizer", "load_video_config", "NoProcessorConfig"]
 
@@ -24,7 +24,7 @@ def checkpoint_frame_size(path) -> tuple[int, int] | None:
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         return None
-    d = checkpoint_config_dict(load_config_dict(path), "pe_video_encoder")
+    d = read_checkpoint_config(path, "pe_video_encoder")
     return tuple(vit_args(d.get("vision_config") or {}).img_size)
 
 
