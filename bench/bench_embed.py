@@ -155,9 +155,10 @@ def encoder_rate(model, processor, batch, device, budget_s=10.0) -> float:
 def decode_only(paths, processor, num_frames, batch_size, num_workers) -> float:
     """Clips/s of the pipeline's decoding alone: the same loader (workers, batches, collate), no encoder."""
     from pevideo.embed.workers import ClipDataset, collate, worker_init
+    from pevideo.sampling import Sampling
 
     loader = torch.utils.data.DataLoader(
-        ClipDataset(paths, processor, num_frames, None), batch_size=batch_size, num_workers=num_workers,
+        ClipDataset(paths, processor, Sampling(num_frames=num_frames)), batch_size=batch_size, num_workers=num_workers,
         collate_fn=collate, worker_init_fn=worker_init if num_workers else None)
     t0 = time.perf_counter()
     n = sum(len(batch["items"]) for batch in loader)
