@@ -201,3 +201,20 @@ def test_engine_ray_usage_errors(media, tmp_path, capsys):
     assert cli.main([*base, "--out", str(tmp_path / "y"), "--keep-shards"]) == 2
     assert cli.main([*base, "--out", str(tmp_path / "y"), "--device", "cpu"]) == 2
     assert not os.path.exists(tmp_path / "y")
+
+
+def test_search_reads_parquet(media, local, ray_out, capsys):
+    from pevideo.retrieval import search
+
+    q = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    a = search(local, q, 4, device="cpu")
+    b = search(ray_out, q, 4, chunk_size=1, device="cpu")
+    assert a.paths == b.paths and a.indices.tolist() == b.indices.tolist()
+    assert a.input_index.tolist() == b.input_index.tolist()
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
+    assert cli.main(["search", str(ray_out), "--text", "a cat sleeping", "--model", media["ckpt"], "-k", "4",
+                     "--format", "json"]) == 0
+    import json
+
+    got = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in got["queries"][0]["results"]][:1] != [] and len(got["queries"][0]["results"]) == 4

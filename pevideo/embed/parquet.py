@@ -301,7 +301,7 @@ def _fixed_numpy(col, name: str, where: str) -> np.ndarray:
     if arr.null_count:
         raise DamagedOutputError(where, f"a row without error has no {name}", "delete it and rerun")
     dim = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    return arr.flatten().to_numpy(zero_copy_only=False, writable=True).astype(np.float32, copy=False).reshape(-1, dim)
 
 
 def read_parquet_embeddings(path):
