@@ -44,7 +44,7 @@ class EmbeddingSource:
     fingerprint, {} when unknown), ``dim``; :meth:`chunks` yields ``(rows, embeddings)``."""
 
     def __init__(self, paths, input_index, config, dim, chunks):
-        self.paths, self.input_index, self.config, self.dim = list(paths), np.asarray(input_index, np.int64), config, dim
+        self.paths, self.input_index, self.config, self.dim = paths, np.asarray(input_index, np.int64), config, dim
         self._chunks = chunks
 
     def __len__(self) -> int:
@@ -53,6 +53,21 @@ class EmbeddingSource:
     def chunks(self, chunk_rows: int):
         """Yield ``(rows (n,) int64 numpy, embeddings (n, D) float32 CPU tensor)``, at most ``chunk_rows`` a time."""
         return self._chunks(max(1, int(chunk_rows)))
+
+
+class _RowNames:
+    """The "paths" of rows that have none: their row numbers, as text, made when asked."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> str:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return str(i % self.n)
 
 
 def _tensor_source(x: torch.Tensor, paths=None, input_index=None, config=None) -> EmbeddingSource:
@@ -64,7 +79,7 @@ def _tensor_source(x: torch.Tensor, paths=None, input_index=None, config=None) -
         for a in range(0, n, c):
             yield np.arange(a, min(a + c, n)), x[a : a + c]
 
-    return EmbeddingSource(paths if paths is not None else [str(i) for i in range(n)],
+    return EmbeddingSource(paths if paths is not None else _RowNames(n),
                            input_index if input_index is not None else np.arange(n), config or {}, x.shape[1], chunks)
 
 
@@ -182,10 +197,12 @@ def open_embeddings(embeddings) -> EmbeddingSource:
 def _chunk_topk(s: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's top ``k`` of one chunk's scores ``s`` (Q, n), ties to the smaller row."""
     kk = min(k, s.shape[1])
-    vals, pos = s.topk(kk, dim=1)
-    # topk picks any of equal scores at the cut; where a tie crosses it, rank those queries exactly.
-    over = (s >= vals[:, -1:]).sum(1) > kk
-    if bool(over.any()):
+    vals, pos = s.topk(min(kk + 1, s.shape[1]), dim=1)
+    # topk picks any of equal scores at the cut: where the (k+1)-th equals the k-th, a tie crosses it,
+    # and those queries are ranked exactly.
+    over = vals[:, kk] == vals[:, kk - 1] if vals.shape[1] > kk else None
+    vals, pos = vals[:, :kk], pos[:, :kk]
+    if over is not None and bool(over.any()):
         perm = torch.argsort(rows, stable=True)
         sub = s[over][:, perm]
         v2, p2 = torch.sort(sub, dim=1, descending=True, stable=True)
