@@ -1,13 +1,14 @@
 """Retrieval: exact top-k (``pevideo.search``) and the FAISS index against it, on a synthetic set.
 
-The set: ``--n`` embeddings of ``--dim`` float32 drawn around ``--clusters`` random centres (real
-embedding sets are clustered; uniform noise would make any index look bad and any search easy), and
-``--queries`` new points from the same mixture. Reported:
+The set: ``--n`` embeddings of ``--dim`` float32 on a random ``--latent``-dimensional subspace plus
+noise (a continuum of neighbours, as real embeddings have; ``--data clusters`` draws tight clusters
+instead, which any index finds easily), and ``--queries`` new points drawn the same way. Reported:
 
 * exact search, one query and a batch of queries, chunked (``--chunk-size`` rows at a time): ms, rows/s,
   useful GFLOP/s (2·Q·N·D multiply-adds of the scores) and GB/s (the N·D·4 bytes read), beside their
   floors (FLOPs / this machine's measured float32 matmul rate, bytes / its measured copy bandwidth);
-* the FAISS index (``--factory``, default IVF with ``--nlist`` cells): train and add times, then per
+* the FAISS index (``--factory``, default IVF with ``--nlist`` cells holding the rows in float16,
+  half of float32's memory): train and add times, then per
   ``--nprobe`` value its query time and recall@k against the exact search (share of the exact top-k
   the index returns, averaged over the queries).
 
@@ -27,16 +28,25 @@ import torch
 from pevideo.benchtools import machine_info, time_fn, write_json
 
 
-def synthetic(n: int, dim: int, clusters: int, noise: float, queries: int, seed: int = 0):
+def synthetic(kind: str, n: int, dim: int, clusters: int, latent: int, noise: float, queries: int, seed: int = 0):
+    """``clusters``: points around random centres (neighbours are a cluster's members: easy for an index).
+    ``latent``: points on a random ``latent``-dimensional subspace plus noise, a continuum of neighbours
+    as embeddings of real videos have (the harder case, the default)."""
     g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(clusters, dim, generator=g) / dim**0.5
+    if kind == "clusters":
+        centres = torch.randn(clusters, dim, generator=g) / dim**0.5
+
+        def draw(m):
+            return centres[torch.randint(0, clusters, (m,), generator=g)] + noise / dim**0.5 * torch.randn(m, dim, generator=g)
+    else:
+        basis = torch.randn(latent, dim, generator=g) / dim**0.5
+
+        def draw(m):
+            return torch.randn(m, latent, generator=g) @ basis / latent**0.5 + noise / dim**0.5 * torch.randn(m, dim, generator=g)
     x = torch.empty(n, dim)
     for a in range(0, n, 65536):  # in pieces: no n x dim temporaries beside x
-        b = min(n, a + 65536)
-        x[a:b] = centres[torch.randint(0, clusters, (b - a,), generator=g)]
-        x[a:b] += noise / dim**0.5 * torch.randn(b - a, dim, generator=g)
-    q = centres[torch.randint(0, clusters, (queries,), generator=g)] + noise / dim**0.5 * torch.randn(queries, dim, generator=g)
-    return x, q
+        x[a : min(n, a + 65536)] = draw(min(n, a + 65536) - a)
+    return x, draw(queries)
 
 
 def floors() -> dict:
@@ -58,16 +68,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--clusters", type=int, default=1000)
-    ap.add_argument("--noise", type=float, default=0.7, help="spread around a centre (1 = as far as centres are)")
+    ap.add_argument("--data", choices=["latent", "clusters"], default="latent")
+    ap.add_argument("--latent", type=int, default=32, help="--data latent: the subspace's dimension")
+    ap.add_argument("--clusters", type=int, default=1000, help="--data clusters: how many")
+    ap.add_argument("--noise", type=float, default=0.5, help="noise beside the structure (1 = as large)")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--chunk-size", type=int, default=32768)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--nlist", type=int, default=1024, help="IVF cells (the default factory IVF<nlist>,Flat)")
-    ap.add_argument("--factory", default=None, help="a FAISS factory string instead")
+    ap.add_argument("--nlist", type=int, default=1024, help="IVF cells (the default factory IVF<nlist>,SQfp16)")
+    ap.add_argument("--factory", default=None, help="a FAISS factory string instead (IVF<nlist>,Flat stores the "
+                    "rows as float32: 4 GiB at 1M x 1024; SQfp16 half that, SQ8 a quarter)")
     ap.add_argument("--train-rows", type=int, default=None, help="rows to train on (default 40 per cell)")
-    ap.add_argument("--nprobe", default="1,4,16,64", help="cells searched per query, comma-separated")
+    ap.add_argument("--nprobe", default="1,8,32,128", help="cells searched per query, comma-separated")
     ap.add_argument("--no-faiss", action="store_true")
     ap.add_argument("--out", default=None, help="JSON results (e.g. bench/results/cpu-search.json)")
     args = ap.parse_args(argv)
@@ -77,11 +90,13 @@ def main(argv=None) -> int:
     machine = machine_info("cpu")
     print(f"machine: {machine['label']}, torch threads {torch.get_num_threads()}", file=sys.stderr)
     t0 = time.perf_counter()
-    x, q = synthetic(args.n, args.dim, args.clusters, args.noise, args.queries)
+    x, q = synthetic(args.data, args.n, args.dim, args.clusters, args.latent, args.noise, args.queries)
     print(f"data: {args.n} x {args.dim} float32 ({x.numel() * 4 / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
     fl = floors()
-    report = {"benchmark": "search", "n": args.n, "dim": args.dim, "clusters": args.clusters, "noise": args.noise,
+    report = {"benchmark": "search", "n": args.n, "dim": args.dim, "data": args.data,
+              "latent" if args.data == "latent" else "clusters": args.latent if args.data == "latent" else args.clusters,
+              "noise": args.noise,
               "queries": args.queries, "k": args.k, "chunk_size": args.chunk_size, "floors": fl, "exact": {}}
 
     exact = None
@@ -104,7 +119,7 @@ def main(argv=None) -> int:
     if not args.no_faiss:
         from pevideo.retrieval_faiss import FaissIndex
 
-        factory = args.factory or f"IVF{args.nlist},Flat"
+        factory = args.factory or f"IVF{args.nlist},SQfp16"
         t1 = time.perf_counter()
         index = FaissIndex.build(x, factory=factory, train_rows=args.train_rows or 40 * args.nlist,
                                  chunk_size=args.chunk_size)

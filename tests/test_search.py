@@ -64,6 +64,12 @@ def test_probability_and_small_sets(seed):
     # k above the number of rows: every row once; one query as a vector.
     res = search(x[:4], q[0], 10, device="cpu")
     assert res.indices.shape == (1, 4) and sorted(res.indices[0].tolist()) == [0, 1, 2, 3]
+    # A damaged row (NaN, infinity) never outranks a real one (topk alone would take NaN as the largest).
+    y = x.clone()
+    y[3], y[8, 0] = float("nan"), float("inf")
+    for kind in ("cosine", "probability"):
+        res = search(y, q, 50, score=kind, logit_scale=1.0, logit_bias=0.0, chunk_size=16, device="cpu")
+        assert res.indices[:, -2:].sort(1).values.tolist() == [[3, 8]] * 3
     with pytest.raises(ValueError, match="logit_scale"):
         search(x, q, 5, score="probability")
     with pytest.raises(ValueError, match="5 wide, the embeddings 8"):

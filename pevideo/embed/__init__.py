@@ -6,7 +6,8 @@ device, dtype), :mod:`.workers` (decode + resize in worker processes), :mod:`.en
 :mod:`.store` (shards, manifest, merge, reading back; with :mod:`.records` (what a shard holds, checked),
 :mod:`.fingerprint` (what a resume must match) and :mod:`.safeio` (lock, atomic writes, one-line
 :class:`StoreError` errors)), :mod:`.distributed` (torchrun), :mod:`.api` (the functions below) and :mod:`.cli`
-(``pevideo embed`` / ``classify`` / ``merge``).
+(``pevideo embed`` / ``classify`` / ``merge``). Beside them, :mod:`.parquet` (Parquet outputs: rows, duplicates,
+reading back) and :mod:`.ray_run` (``pevideo embed --engine ray`` over :mod:`pevideo.ray_data`).
 
 
 * :func:`embed_videos` yields one :class:`ClipResult` per video, in input order. Background worker

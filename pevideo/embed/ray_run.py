@@ -118,13 +118,15 @@ def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None
                    batch_size: int = 8, shard_size: int = 1024, decoders: int | None = None,
                    encoders: int | None = None, gpus_per_encoder: float | None = None, cpus_per_encoder: float = 1,
                    pooled: bool = False, dtype=None, fast: bool | None = None, errors=None, overwrite: bool = False,
-                   apply_rotation: bool = False, address: str | None = None, decode_cls=None, encode_cls=None):
+                   apply_rotation: bool = False, address: str | None = None, progress: bool | None = None,
+                   decode_cls=None, encode_cls=None):
     """Embed every video of ``inputs`` with Ray Data into the Parquet folder ``out``, resumably.
 
     ``decoders``: decode tasks at once (None: as free CPUs allow); ``encoders``: model copies (default:
     one per GPU of the cluster, or 1 on CPU); ``gpus_per_encoder`` (default 1 when the cluster has GPUs,
     else 0: on CPU; 0.5 packs two copies per GPU); ``shard_size``: rows per Parquet file (at least, but
-    the last). ``decode_cls`` / ``encode_cls``: subclasses of :class:`pevideo.ray_data.Decode` /
+    the last). ``progress``: Ray Data's progress bars and log lines on (True) or off (False; None: as
+    Ray decides). ``decode_cls`` / ``encode_cls``: subclasses of :class:`pevideo.ray_data.Decode` /
     ``Encode`` to run instead. Other arguments as :func:`pevideo.embed_to_file`. Returns an
     :class:`pevideo.EmbedSummary` (``exit_status`` 1 when some video failed); ``summary.duplicates``
     counts rows written twice (retries), each input counted once.
@@ -145,6 +147,13 @@ def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None
     errors_path = os.fspath(errors) if errors else os.path.join(out, "errors.jsonl")
     started = _init_ray(address)
     try:
+        if progress is not None:
+            import logging
+
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = bool(progress)
+            logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus_per_encoder is None:
             gpus_per_encoder = 1.0 if gpus else 0.0
@@ -253,7 +262,7 @@ def run_cli(args, say=print) -> int:
         shard_size=args.shard_size, decoders=args.workers or None, encoders=args.encoders,
         gpus_per_encoder=args.gpus_per_encoder, cpus_per_encoder=args.cpus_per_encoder, pooled=args.pooled,
         dtype=args.dtype, fast=args.fast, errors=args.errors, overwrite=args.overwrite,
-        apply_rotation=args.apply_rotation, address=args.ray_address)
+        apply_rotation=args.apply_rotation, address=args.ray_address, progress=False if args.quiet else args.progress)
     if not args.quiet:
         st = summary.stats
         line = (f"pevideo embed: {summary.num_embedded} of {summary.num_inputs} videos embedded -> {summary.out} "
