@@ -198,6 +198,8 @@ def test_engine_ray_usage_errors(media, tmp_path, capsys):
     base = ["embed", media["videos"], "--model", media["ckpt"], "--engine", "ray"]
     assert cli.main([*base, "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "folder of Parquet files" in capsys.readouterr().err
+    assert cli.main([*base, "--out", str(tmp_path / "emb.npy")]) == 2
+    assert "looks like a file" in capsys.readouterr().err
     assert cli.main([*base, "--out", str(tmp_path / "y"), "--keep-shards"]) == 2
     assert cli.main([*base, "--out", str(tmp_path / "y"), "--device", "cpu"]) == 2
     assert not os.path.exists(tmp_path / "y")

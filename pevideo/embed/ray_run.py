@@ -48,6 +48,10 @@ def check_parquet_out(out: str) -> None:
         raise UsageError(f"{out}: --engine ray writes a folder of Parquet files; give a folder name (no .safetensors)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"{out} exists and is not a folder; --engine ray writes a folder of Parquet files")
+    ext = os.path.splitext(os.path.basename(out.rstrip("/" + os.sep)))[1]
+    if ext not in ("", ".parquet") and not os.path.isdir(out) and not out.endswith(("/", os.sep)):
+        raise UsageError(f"{out}: a {ext} name looks like a file; --engine ray writes a folder (a name without an "
+                         f"extension, X.parquet, or one ending with / as in {out}/)")
 
 
 def _lock(out: str) -> OutputLock:
