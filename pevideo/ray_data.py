@@ -37,6 +37,7 @@ from .embed.inputs import expand_inputs
 from .embed.parquet import results_table, row_fingerprint
 from .embed.session import check_sampling, open_session
 from .embed.workers import ClipDataset, collate
+from .limits import Limits
 
 __all__ = ["Decode", "Encode", "video_dataset", "embed_dataset", "DECODE_RETRIES"]
 
@@ -45,13 +46,16 @@ __all__ = ["Decode", "Encode", "video_dataset", "embed_dataset", "DECODE_RETRIES
 DECODE_RETRIES = 4
 
 
+# The fields of a run's fingerprint that the encoder decides (or that are not per row); the rest is decoding's.
+_ENCODE_SIDE = ("pevideo", "model", "dtype", "fast", "pooled", "shard_size", "num_inputs", "inputs_sha256")
+
+
 def decode_config(processor, num_frames, fps, apply_rotation: bool) -> dict:
-    """What decides the frames: the processor's settings (as the run fingerprint records them), the
-    sampling, and rotation (recorded only when on, as ``pevideo embed`` does)."""
+    """What decides the frames, as the run fingerprint records it: the processor's settings, the
+    sampling (and its rule), and rotation (recorded only when on, as ``pevideo embed`` does)."""
     fp = fingerprint([], None, processor, num_frames, fps, "-", False, 0, fast=False,
                      **({"apply_rotation": True} if apply_rotation else {}))
-    keep = {"processor", "num_frames", "fps", "apply_rotation"}
-    return {k: v for k, v in fp.items() if k in keep}
+    return {k: v for k, v in fp.items() if k not in _ENCODE_SIDE}
 
 
 class Decode:
@@ -64,26 +68,28 @@ class Decode:
 
     Output columns: ``path``, ``input_index`` (int64; the batch position when the input has none),
     ``frames`` (per row uint8 (T, S, S, 3); (0, S, S, 3) for a failed video), ``source_frame_count``,
-    ``frame_indices`` (int32, the source frames taken), ``error`` ("" when read) and ``decode_config``
+    ``frame_indices`` (int32, the source frames taken), ``error`` ("" when read), ``truncated_suspect``
+    ("" unless the file may be cut short where nothing declares its length) and ``decode_config``
     (JSON, which :class:`Encode` checks against its own preprocessing and puts in the fingerprint).
     """
 
     def __init__(self, model, *, processor=None, num_frames: int | None = None, fps: float | None = None,
                  apply_rotation: bool = False):
-        self.num_frames, self.fps = check_sampling(num_frames, fps)
-        session = open_session(model, processor, device="cpu", dtype="float32", fast=False)
+        self.sampling = check_sampling(num_frames, fps)
+        session = open_session(model, processor, device="cpu", dtype="float32", fast=False, sampling=self.sampling)
         self.processor, self.apply_rotation = session.processor, bool(apply_rotation)
+        self.limits = Limits.resolve()  # this process's, carried to every worker (their environments may differ)
         self.frame_size = tuple(session.frame_size)
-        self.config = json.dumps(decode_config(self.processor, self.num_frames, self.fps, self.apply_rotation),
-                                 sort_keys=True)
+        self.config = json.dumps(decode_config(self.processor, self.sampling.num_frames, self.sampling.fps,
+                                               self.apply_rotation), sort_keys=True)
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
         index = np.asarray(batch["input_index"] if "input_index" in batch else np.arange(len(paths)), np.int64)
-        clips = ClipDataset(paths, self.processor, self.num_frames, self.fps, self.apply_rotation)
+        clips = ClipDataset(paths, self.processor, self.sampling, self.apply_rotation, limits=self.limits)
         frames = np.empty(len(paths), dtype=object)
         taken = np.empty(len(paths), dtype=object)
-        totals, errors = np.zeros(len(paths), np.int64), []
+        totals, errors, suspects = np.zeros(len(paths), np.int64), [], []
         for i in range(len(paths)):
             it = clips[i]  # the very item pevideo embed's decoding workers make
             if it["error"] is None:
@@ -93,8 +99,10 @@ class Decode:
             taken[i] = np.asarray(it["indices"], np.int32)
             totals[i] = it["total"]
             errors.append(it["error"] or "")
+            suspects.append(it.get("truncated_suspect") or "")
         return {"path": np.array(paths, dtype=object), "input_index": index, "frames": frames,
                 "source_frame_count": totals, "frame_indices": taken, "error": np.array(errors, dtype=object),
+                "truncated_suspect": np.array(suspects, dtype=object),
                 "decode_config": np.array([self.config] * len(paths), dtype=object)}
 
 
@@ -129,14 +137,15 @@ class Encode:
         fp = self._fingerprints.get(decode_json)
         if fp is None:
             dec = json.loads(decode_json)
-            opts = {k: v for k, v in dec.items() if k not in ("processor", "num_frames", "fps")}
             s = self.session
-            config = fingerprint([], self._model_id, s.processor, dec["num_frames"], dec["fps"], s.dtype, self.pooled,
-                                 0, fast=s.fast, **opts)
-            if config["processor"] != dec["processor"]:
-                raise ValueError("the frames were decoded with another processor's settings than this model's "
-                                 f"({dec['processor']} vs {config['processor']}): give Decode and Encode the same")
-            fp = self._fingerprints[decode_json] = row_fingerprint(config)
+            base = fingerprint([], self._model_id, s.processor, dec.get("num_frames"), dec.get("fps"), s.dtype,
+                               self.pooled, 0, fast=s.fast)
+            clash = [k for k, v in dec.items() if k in base and base[k] != v]
+            if clash:
+                raise ValueError(f"the frames were decoded with other settings ({', '.join(clash)}) than this model's "
+                                 f"({[dec[k] for k in clash]} vs {[base[k] for k in clash]}): give Decode and Encode "
+                                 "the same processor")
+            fp = self._fingerprints[decode_json] = row_fingerprint({**base, **dec})
         return fp
 
     def __call__(self, batch: dict):
@@ -147,10 +156,12 @@ class Encode:
         items = []
         for i in range(len(batch["path"])):
             err = batch["error"][i] or None
+            suspect = batch["truncated_suspect"][i] if "truncated_suspect" in batch else None
             items.append(dict(index=int(batch["input_index"][i]), path=str(batch["path"][i]),
                               frames=None if err else torch.from_numpy(np.asarray(batch["frames"][i])),
                               total=int(batch["source_frame_count"][i]),
-                              indices=[int(x) for x in batch["frame_indices"][i]], error=err))
+                              indices=[int(x) for x in batch["frame_indices"][i]], error=err,
+                              truncated_suspect=suspect or None))
         with warnings.catch_warnings():  # Ray's arrays are read-only; collate copies them into the batch
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             batch_in = collate(items)

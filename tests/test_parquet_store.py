@@ -123,3 +123,11 @@ def test_manifest_written_is_json(tmp_path):
     manifest(tmp_path)
     man = json.loads((tmp_path / "manifest.json").read_text())
     assert man["format"] == "pevideo.embeddings.parquet" and man["config"]["num_inputs"] == 3
+
+
+def test_warnings_read_back(tmp_path):
+    a = clip(0, 1)
+    a.truncated_suspect = "v0.mp4: ends inside a transport packet"
+    write(tmp_path / "a.parquet", [a, clip(1, 2)])
+    emb = read_embeddings(tmp_path)
+    assert emb.warnings == [{"index": 0, "path": "v0.mp4", "truncated_suspect": a.truncated_suspect}]

@@ -84,6 +84,7 @@ def same(a, b, pooled=True):
     assert a.paths == b.paths and len(a.paths) == 4
     assert a.input_index.tolist() == b.input_index.tolist()
     assert a.errors == b.errors and len(a.errors) == 1 and "bad.mp4" in a.errors[0]["path"]
+    assert a.warnings == b.warnings
     assert torch.equal(a.sampled_indices, b.sampled_indices)
     assert torch.equal(a.source_frame_counts, b.source_frame_counts)
     assert torch.equal(a.sampled_frame_counts, b.sampled_frame_counts)
@@ -104,7 +105,7 @@ def test_engine_ray_equals_embed(media, local, ray_out):
     schema = pq.read_schema(files[0])
     assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[32]"
     assert [n for n in schema.names] == ["path", "input_index", "frame_indices", "source_frame_count", "embedding",
-                                         "pooled", "fingerprint", "error"]
+                                         "pooled", "fingerprint", "error", "truncated_suspect"]
     with open(ray_out / "errors.jsonl") as f:
         assert len(f.readlines()) == 1
 

@@ -4,8 +4,8 @@ One row per input video (columns in :func:`schema`): ``path``, ``input_index`` (
 run's input list), ``frame_indices`` (the source frames sampled, as ``pevideo embed`` samples them),
 ``source_frame_count``, ``embedding`` (fixed-size list of float32, null for a failed video),
 optionally ``pooled``, ``fingerprint`` (SHA-256 of everything that decides the numbers: model weights
-and config, preprocessing, sampling, dtype, kernels; :func:`row_config`) and ``error`` (null, or why the
-video could not be read).
+and config, preprocessing, sampling, dtype, kernels; :func:`row_config`), ``error`` (null, or why the
+video could not be read) and ``truncated_suspect`` (null, or why an embedded file may be cut short).
 
 An output is a folder of ``*.parquet`` files (whatever names Ray's writer chose) with, when
 ``pevideo embed --engine ray`` made it, a ``manifest.json`` recording the run (its fingerprint, the
@@ -63,7 +63,8 @@ def schema(dim: int, pooled_dim: int | None = None):
     ]
     if pooled_dim:
         fields.append(pa.field("pooled", pa.list_(pa.float32(), pooled_dim)))
-    fields += [pa.field("fingerprint", pa.string(), nullable=False), pa.field("error", pa.string())]
+    fields += [pa.field("fingerprint", pa.string(), nullable=False), pa.field("error", pa.string()),
+               pa.field("truncated_suspect", pa.string())]
     return pa.schema(fields)
 
 
@@ -94,6 +95,7 @@ def results_table(results, fingerprint: str, dim: int, pooled_dim: int | None = 
         cols["pooled"] = _fixed([r.pooled if r.ok else None for r in results], pooled_dim)
     cols["fingerprint"] = pa.array([fingerprint] * len(results), pa.string())
     cols["error"] = pa.array([r.error for r in results], pa.string())
+    cols["truncated_suspect"] = pa.array([getattr(r, "truncated_suspect", None) for r in results], pa.string())
     return pa.table(cols, schema=schema(dim, pooled_dim))
 
 
@@ -181,6 +183,7 @@ class Scan:
     ok: np.ndarray
     paths: list[str]
     errors: list
+    suspects: list
     file_rows: list[int]
     manifest: dict | None = None
     duplicates: int = 0
@@ -198,6 +201,11 @@ class Scan:
         return [{"index": int(i), "path": p, "error": e}
                 for i, p, e, good in zip(self.input_index, self.paths, self.errors, self.ok) if not good]
 
+    def warning_records(self) -> list[dict]:
+        """The clips embedded with a warning, as :attr:`pevideo.Embeddings.warnings` lists them."""
+        return [{"index": int(i), "path": p, "truncated_suspect": w}
+                for i, p, w, good in zip(self.input_index, self.paths, self.suspects, self.ok) if good and w]
+
     def ok_paths(self) -> list[str]:
         return [p for p, good in zip(self.paths, self.ok) if good]
 
@@ -205,7 +213,8 @@ class Scan:
 def _read_index(path: str):
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=INDEX_COLUMNS)
+    optional = [c for c in ("truncated_suspect",) if c in pq.read_schema(path).names]
+    return pq.read_table(path, columns=INDEX_COLUMNS + optional)
 
 
 def scan(path, *, skip_damaged: bool = False, paths: list[str] | None = None) -> Scan:
@@ -219,7 +228,7 @@ def scan(path, *, skip_damaged: bool = False, paths: list[str] | None = None) ->
     p = os.fspath(path)
     man = read_manifest(p) if os.path.isdir(p) else None
     files = parquet_files(p)
-    cols = {k: [] for k in ("input_index", "path", "fingerprint", "error", "file_id", "row")}
+    cols = {k: [] for k in ("input_index", "path", "fingerprint", "error", "truncated_suspect", "file_id", "row")}
     kept_files, file_rows, damaged = [], [], []
     for f in files:
         try:
@@ -240,6 +249,7 @@ def scan(path, *, skip_damaged: bool = False, paths: list[str] | None = None) ->
         d = t.to_pydict()
         for k in ("input_index", "path", "fingerprint", "error"):
             cols[k] += d[k]
+        cols["truncated_suspect"] += d.get("truncated_suspect", [None] * t.num_rows)
         cols["file_id"] += [fid] * t.num_rows
         cols["row"] += range(t.num_rows)
         if man is not None:
@@ -262,7 +272,8 @@ def scan(path, *, skip_damaged: bool = False, paths: list[str] | None = None) ->
     first[1:] = idx[order][1:] != idx[order][:-1]
     keep = order[first]
     return Scan(files=kept_files, file_id=fid[keep], row=row[keep], input_index=idx[keep], ok=ok[keep],
-                paths=[cols["path"][i] for i in keep], errors=[cols["error"][i] for i in keep], file_rows=file_rows,
+                paths=[cols["path"][i] for i in keep], errors=[cols["error"][i] for i in keep],
+                suspects=[cols["truncated_suspect"][i] for i in keep], file_rows=file_rows,
                 manifest=man, duplicates=len(order) - len(keep), fingerprints=set(cols["fingerprint"]),
                 damaged=damaged)
 
@@ -352,7 +363,7 @@ def read_parquet_embeddings(path):
         pooled=None if pooled is None else torch.from_numpy(pooled),
         source_frame_counts=torch.from_numpy(counts), sampled_frame_counts=(idx >= 0).sum(1).to(torch.int64),
         sampled_indices=idx, input_index=torch.from_numpy(sc.input_index[good].copy()),
-        paths=sc.ok_paths(), errors=sc.error_records(), config=config,
+        paths=sc.ok_paths(), errors=sc.error_records(), config=config, warnings=sc.warning_records(),
     )
 
 

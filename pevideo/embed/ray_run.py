@@ -115,7 +115,8 @@ def _write_errors(path: str, errors: list[dict]) -> None:
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in errors))
+    # As pevideo embed's: a line per failed clip, and per clip embedded with a warning, in input order.
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in sorted(errors, key=lambda e: e["index"])))
 
 
 def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None = None, fps: float | None = None,
@@ -142,12 +143,13 @@ def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None
 
     out = os.fspath(out)
     check_parquet_out(out)
-    num_frames, fps = check_sampling(num_frames, fps)
+    sampling = check_sampling(num_frames, fps)
+    num_frames, fps = sampling.num_frames, sampling.fps
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
     paths = expand_inputs(inputs)
     # The processor and the frame size only: the model loads in the encoder actors.
-    session = open_session(model, processor, device="cpu", dtype="float32", fast=False)
+    session = open_session(model, processor, device="cpu", dtype="float32", fast=False, sampling=sampling)
     errors_path = os.fspath(errors) if errors else os.path.join(out, "errors.jsonl")
     started = _init_ray(address)
     try:
@@ -190,7 +192,7 @@ def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None
             elapsed = time.perf_counter() - start
             after = scan(out, paths=paths)
             check_complete(after, out, "rerun the same command to finish")
-            _write_errors(errors_path, after.error_records())
+            _write_errors(errors_path, after.error_records() + after.warning_records())
     finally:
         if started:
             ray.shutdown()
@@ -230,7 +232,7 @@ def merge_parquet(out, *, keep_shards: bool | None = None, errors=None):
                 if os.path.abspath(f) != os.path.abspath(merged):
                     with io_errors(f):
                         os.remove(f)
-        _write_errors(errors_path, sc.error_records())
+        _write_errors(errors_path, sc.error_records() + sc.warning_records())
     n = len(sc)
     return EmbedSummary(out, errors_path, n, sc.num_ok, n - sc.num_ok, 1)
 
