@@ -6,7 +6,7 @@ A pipeline of your own, five lines (``pip install 'pevideo[ray]'``)::
     ds = prd.video_dataset(["videos/", "more.txt"])                       # path, input_index
     ds = ds.map_batches(prd.Decode("facebook/pe-av-large", num_frames=16), batch_size=4, num_cpus=1)
     ds = ds.map_batches(prd.Encode, fn_constructor_args=("facebook/pe-av-large",), batch_size=32,
-                        concurrency=8, num_gpus=1)                        # 8 model copies, a GPU each
+                        compute=ray.data.ActorPoolStrategy(size=8), num_gpus=1)  # 8 model copies, a GPU each
     ds.write_parquet("emb/")                                              # pevideo.read_embeddings("emb/")
 
 :class:`Decode` runs the code ``pevideo embed`` runs for a clip (:class:`pevideo.embed.workers.ClipDataset`:
@@ -20,8 +20,9 @@ embedding (fixed-size list of float32), fingerprint, error. ``pevideo embed --en
 pipeline (:func:`embed_dataset`) and adds resuming and a manifest (:mod:`pevideo.embed.ray_run`).
 
 Keep the decode stage's Ray arguments different from the encoder's (as ``num_gpus`` on a GPU cluster
-makes them; on CPU only, give it ``ray_remote_args_fn`` as :func:`embed_dataset` does): Ray fuses stages
-with equal arguments, and would then decode inside the model's actor, one clip at a time.
+makes them; on CPU only, give it ``memory=decode.task_memory(batch_size)`` as :func:`embed_dataset`
+does): Ray fuses stages with equal arguments, and would then decode inside the model's actor, one clip
+at a time. A worker that dies is retried by Ray (Ray Data retries system failures without limit).
 """
 from __future__ import annotations
 
@@ -39,11 +40,12 @@ from .embed.session import check_sampling, open_session
 from .embed.workers import ClipDataset, collate
 from .limits import Limits
 
-__all__ = ["Decode", "Encode", "video_dataset", "embed_dataset", "DECODE_RETRIES"]
+__all__ = ["Decode", "Encode", "video_dataset", "embed_dataset"]
 
-# A decode task whose worker dies (killed, out of memory, a node lost) is retried this many times; a
-# video that crashes its decoder every time then fails the job, naming the task, instead of looping.
-DECODE_RETRIES = 4
+# What one decode task needs beside its clips' frames (PyAV, the decoder's buffers, the interpreter).
+DECODE_OVERHEAD_BYTES = 256 << 20
+# Frames assumed per clip when sampling by rate (their number depends on each video's length).
+FPS_FRAMES_ESTIMATE = 64
 
 
 # The fields of a run's fingerprint that the encoder decides (or that are not per row); the rest is decoding's.
@@ -82,6 +84,13 @@ class Decode:
         self.frame_size = tuple(session.frame_size)
         self.config = json.dumps(decode_config(self.processor, self.sampling.num_frames, self.sampling.fps,
                                                self.apply_rotation), sort_keys=True)
+
+    def task_memory(self, clips: int) -> int:
+        """Bytes a task decoding ``clips`` videos holds: their uint8 frames at the model's frame size
+        (``FPS_FRAMES_ESTIMATE`` frames a clip when sampling by rate) and the decoder's own."""
+        h, w = self.frame_size
+        frames = self.sampling.num_frames or FPS_FRAMES_ESTIMATE
+        return int(DECODE_OVERHEAD_BYTES + clips * frames * h * w * 3)
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
@@ -169,10 +178,6 @@ class Encode:
         return results_table(results, fp, self.dim, self.pooled_dim)
 
 
-def _decode_task_args() -> dict:
-    return {"max_retries": DECODE_RETRIES}
-
-
 def video_dataset(inputs, *, skip=()):
     """A Ray dataset of ``path`` and ``input_index`` (position in the expanded input list) over video
     files, folders and list files (see :func:`pevideo.embed.expand_inputs`); ``skip``: input indices
@@ -200,12 +205,25 @@ def embed_dataset(ds, model, *, processor=None, num_frames: int | None = None, f
     decode = decode_cls(model, processor=processor, num_frames=num_frames,
                         fps=fps, apply_rotation=apply_rotation)
     device = "cuda" if gpus_per_encoder else "cpu"
-    # Retries set per task through ray_remote_args_fn, which also keeps Ray from fusing this stage into
-    # the encoder's actors when both would otherwise ask for the same resources (CPU-only clusters).
-    ds = ds.map_batches(decode, batch_size=decode_batch, num_cpus=1, concurrency=decoders,
-                        ray_remote_args_fn=_decode_task_args)
+    # The memory a decode task holds (its clips' frames, the decoder) is reserved; that also keeps Ray from
+    # fusing this stage into the encoder's actors when both ask for one CPU (CPU-only clusters).
+    from ray.data import ActorPoolStrategy
+
+    ds = ds.map_batches(decode, batch_size=decode_batch, num_cpus=1, memory=decode.task_memory(decode_batch),
+                        **_task_pool(decoders))
     return ds.map_batches(encode_cls, fn_constructor_args=(model,),
                           fn_constructor_kwargs=dict(processor=decode.processor, device=device, dtype=dtype, fast=fast,
                                                      pooled=pooled),
-                          batch_size=batch_size, concurrency=encoders, num_gpus=gpus_per_encoder or None,
-                          num_cpus=cpus_per_encoder)
+                          batch_size=batch_size, compute=ActorPoolStrategy(size=encoders),
+                          num_gpus=gpus_per_encoder or None, num_cpus=cpus_per_encoder)
+
+
+def _task_pool(size: int | None) -> dict:
+    """At most ``size`` tasks at once (None: as resources allow), in the spelling this Ray takes."""
+    if size is None:
+        return {}
+    try:
+        from ray.data import TaskPoolStrategy
+    except ImportError:  # older Ray: the concurrency argument (deprecated since 2.51)
+        return {"concurrency": size}
+    return {"compute": TaskPoolStrategy(size=size)}

@@ -183,12 +183,14 @@ def test_rerun_skips_written_and_resolves_duplicates(media, local, ray_out, ray_
 
 
 def test_five_line_pipeline(media, local, ray_local, tmp_path):
+    from ray.data import ActorPoolStrategy
+
     import pevideo.ray_data as prd
 
     ds = prd.video_dataset(media["videos"])
     ds = ds.map_batches(prd.Decode(media["ckpt"], num_frames=NF), batch_size=2, num_cpus=1)
     ds = ds.map_batches(prd.Encode, fn_constructor_args=(media["ckpt"],), fn_constructor_kwargs={"pooled": True},
-                        batch_size=4, concurrency=1, num_cpus=1)
+                        batch_size=4, compute=ActorPoolStrategy(size=1), num_cpus=1)
     ds.write_parquet(str(tmp_path / "mine"))
     emb = read_embeddings(tmp_path / "mine")  # no manifest: rows deduplicated, one model checked
     same(emb, local)
