@@ -303,7 +303,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from .store import merge_shards
+    from .outputs import merge_shards  # safetensors or Parquet
 
     def go():
         summary = merge_shards(args.out, keep_shards=args.keep_shards, errors=args.errors)

@@ -324,10 +324,6 @@ def read_embeddings(path) -> Embeddings:
     the suffix). A ``.safetensors`` output whose shards were never joined is read from its shards.
     Every file is checked (see the module docstring): a damaged or misplaced one raises
     :class:`DamagedOutputError` naming it, unfinished shards :class:`ShardsMissingError`."""
-    from .parquet import is_parquet_output, read_parquet_embeddings
-
-    if is_parquet_output(path):  # what `pevideo embed --engine ray` (or a Ray Data pipeline) wrote
-        return read_parquet_embeddings(path)
     layout = Layout.of(path)
     if layout.final is not None and os.path.isfile(layout.final):
         tensors, meta = _load_final(layout.final)
@@ -458,12 +454,6 @@ def merge_shards(out, *, keep_shards: bool | None = None, errors=None) -> EmbedS
     errors file. Takes the output's lock. Raises :class:`ShardsMissingError` naming the shards still
     missing, :class:`DamagedOutputError` naming a damaged or misplaced one.
     """
-    from .parquet import is_parquet_output
-
-    if is_parquet_output(out):  # a Parquet folder (`pevideo embed --engine ray`): one file, one row per input
-        from .ray_run import merge_parquet
-
-        return merge_parquet(out, keep_shards=keep_shards, errors=errors)
     layout = Layout.of(out, errors)
     with output_lock(layout):
         return _merge(layout, keep_shards)
