@@ -20,6 +20,8 @@ from .video import (
     VideoTooLargeError,
     load_video,
 )
+from .retrieval import SearchResult, search
+from .retrieval_faiss import FaissIndex  # FAISS itself is imported only when an index is built or loaded
 
 __version__ = "0.1.0"
 
@@ -43,5 +45,8 @@ __all__ = [
     "VideoTimeLimitError",
     "VideoTooLargeError",
     "UnsupportedVideoError",
+    "search",
+    "SearchResult",
+    "FaissIndex",
     *_embed_all,
 ]

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .embed import cli as embed_cli
 
     embed_cli.register(sub)  # embed, classify, merge
+    from . import search_cli
+
+    search_cli.register(sub)  # search
     return parser
 
 

@@ -20,7 +20,29 @@ def seed():
     return 0
 
 
+# Tests of an optional extra: skipped where it is not installed, unless PEVIDEO_REQUIRE_EXTRAS=1 (the CI step
+# that installs the extras sets it, so that a failed install fails instead of skipping them).
+EXTRAS = {"ray": ("ray", "pyarrow"), "faiss": ("faiss",)}
+
+
+def _missing(modules):
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
 def pytest_collection_modifyitems(config, items):
+    for marker, modules in EXTRAS.items():
+        missing = _missing(modules)
+        if not missing:
+            continue
+        if os.environ.get("PEVIDEO_REQUIRE_EXTRAS") == "1":
+            raise pytest.UsageError(f"PEVIDEO_REQUIRE_EXTRAS=1 but {', '.join(missing)} is not installed "
+                                    f"(pip install -e '.[test,{marker}]')")
+        skip = pytest.mark.skip(reason=f"needs pevideo[{marker}] ({', '.join(missing)} not installed)")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (bf16 kernel checks run only there)")

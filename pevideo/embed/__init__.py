@@ -6,7 +6,9 @@ device, dtype), :mod:`.workers` (decode + resize in worker processes), :mod:`.en
 :mod:`.store` (shards, manifest, merge, reading back; with :mod:`.records` (what a shard holds, checked),
 :mod:`.fingerprint` (what a resume must match) and :mod:`.safeio` (lock, atomic writes, one-line
 :class:`StoreError` errors)), :mod:`.distributed` (torchrun), :mod:`.api` (the functions below) and :mod:`.cli`
-(``pevideo embed`` / ``classify`` / ``merge``).
+(``pevideo embed`` / ``classify`` / ``merge``). Beside them, :mod:`.parquet` (Parquet outputs: rows, duplicates,
+reading back), :mod:`.ray_run` (``pevideo embed --engine ray`` over :mod:`pevideo.ray_data`) and
+:mod:`.outputs` (``read_embeddings`` / ``merge_shards`` of either kind of output).
 
 
 * :func:`embed_videos` yields one :class:`ClipResult` per video, in input order. Background worker
@@ -38,7 +40,8 @@ from .api import ClassifyResult, classify_videos, embed_to_file, embed_videos
 from .encode import ClipResult, PipelineStats
 from .inputs import expand_inputs
 from .session import load_model
-from .store import Embeddings, EmbedSummary, ManifestMismatchError, StoreError, merge_shards, read_embeddings
+from .outputs import merge_shards, read_embeddings  # safetensors or Parquet
+from .store import Embeddings, EmbedSummary, ManifestMismatchError, StoreError
 
 __all__ = [
     "embed_videos",

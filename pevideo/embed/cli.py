@@ -88,6 +88,9 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard a previous run's outputs instead of resuming")
     p.add_argument("--keep-shards", action="store_true", help="keep X.safetensors.shards/ after joining")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-video failure lines or summary")
+    from .ray_run import add_arguments as add_ray_arguments
+
+    add_ray_arguments(p)  # --engine ray and its options
     p.set_defaults(func=run_embed)
 
     p = sub.add_parser("classify", help="zero-shot: per-clip probability of each text label",
@@ -268,6 +271,10 @@ def run_embed(args: argparse.Namespace) -> int:
     from .inputs import expand_inputs
 
     def go():
+        if args.engine == "ray":
+            from .ray_run import run_cli
+
+            return run_cli(args)
         check_device(args.device)
         check_out(args.out)
         paths = expand_inputs(args.inputs, must_exist=True)
@@ -296,7 +303,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from .store import merge_shards
+    from .outputs import merge_shards  # safetensors or Parquet
 
     def go():
         summary = merge_shards(args.out, keep_shards=args.keep_shards, errors=args.errors)
