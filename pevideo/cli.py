@@ -1,4 +1,8 @@
-"""The ``pevideo`` command line: ``pevideo bench`` (and the embedding tools)."""
+"""The ``pevideo`` command line: ``pevideo bench`` (and the embedding tools).
+
+Everything heavy (torch, transformers) is imported inside :func:`main`, so a Ctrl-C at any point of
+the start-up is exit 130 with one line, as it is later in a run.
+"""
 from __future__ import annotations
 
 import argparse
@@ -38,9 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    args = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # during start-up (imports, argument parsing); later each command says it
+        cmd = getattr(args, "command", None)
+        print(f"pevideo{' ' + cmd if cmd else ''}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
