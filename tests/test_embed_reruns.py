@@ -86,8 +86,10 @@ def test_a_changed_input_is_embedded_again(media, tmp_path, out):
 
 def test_ctrl_c_during_start_up_is_one_line(media, tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for i, delay in enumerate((0.5, 1.2, 2.5)):
-        cmd = [sys.executable, "-m", "pevideo", "embed", media["videos"], "--model", media["ckpt"], "--out",
+    many = tmp_path / "many.txt"  # a run long enough to be interrupted at any of these times
+    many.write_text((media["good"][0] + "\n") * 400)
+    for i, delay in enumerate((0.3, 0.8, 1.5)):
+        cmd = [sys.executable, "-m", "pevideo", "embed", str(many), "--model", media["ckpt"], "--out",
                str(tmp_path / f"e{i}.safetensors"), "--workers", "0", "--num-frames", str(NF)]
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         time.sleep(delay)
