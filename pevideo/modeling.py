@@ -128,6 +128,11 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
     config_class = PeVideoEncoderConfig
     _config_kind = "pe_video_encoder"
 
+    @property
+    def fast(self) -> bool:
+        """Whether the fused kernels run: ``Ops.fast``, the one place it is stored."""
+        return self._ops.fast
+
     def __init__(
         self,
         config: PeVideoEncoderConfig,
@@ -141,7 +146,6 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         if isinstance(config, dict):
             config = PeVideoEncoderConfig(**config)
         self.config = config
-        self.fast = bool(fast)
         self.compiled = bool(compile)
         self._ops = _ops if _ops is not None else Ops(fast)
         self.embedder = Embedder(config, self._ops, num_classes)
@@ -304,12 +308,16 @@ class PeVideoModel(PretrainedMixin, nn.Module):
     config_class = PeVideoConfig
     _config_kind = "pe_video"
 
+    @property
+    def fast(self) -> bool:
+        """Whether the fused kernels run: ``Ops.fast``, the one place it is stored."""
+        return self._ops.fast
+
     def __init__(self, config: PeVideoConfig, fast: bool = False, *, compile: bool = False, num_classes: int | None = None):
         super().__init__()
         if isinstance(config, dict):
             config = PeVideoConfig(**config)
         self.config = config
-        self.fast = bool(fast)
         self._ops = Ops(fast)
         self.text_model = AutoModel.from_config(config.text_config)
         self.video_encoder = PeVideoEncoder(

@@ -88,7 +88,9 @@ def _safetensors_files(path: str) -> tuple[list[str], dict]:
     config; the same checks of place and run as read_embeddings makes from the headers."""
     from .embed.records import FORMAT, read_header, shard_problem
     from .embed.safeio import DamagedOutputError
-    from .embed.store import Layout, ShardsMissingError
+    from .embed.layout import Layout
+    from .embed.manifest import read_manifest
+    from .embed.reading import ShardsMissingError
 
     layout = Layout.of(path)
     if layout.final is not None and os.path.isfile(layout.final):
@@ -98,8 +100,7 @@ def _safetensors_files(path: str) -> tuple[list[str], dict]:
         return [layout.final], json.loads(meta.get("config", "{}"))
     if not os.path.isfile(layout.manifest):
         raise FileNotFoundError(f"no embeddings at {path}")
-    with open(layout.manifest, encoding="utf-8") as f:
-        man = json.load(f)
+    man = read_manifest(layout)  # checked: format, its checksum, a shard count that fits the inputs
     files = [layout.shard(s) for s in range(int(man["num_shards"]))]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
@@ -178,7 +179,7 @@ def open_embeddings(embeddings) -> EmbeddingSource:
         return _tensor_source(embeddings)
     if isinstance(embeddings, np.ndarray):
         return _tensor_source(torch.from_numpy(embeddings))
-    from .embed.store import Embeddings
+    from .embed.reading import Embeddings
 
     if isinstance(embeddings, Embeddings):
         return _tensor_source(embeddings.video_embeds, embeddings.paths, embeddings.input_index.numpy(),

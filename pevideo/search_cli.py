@@ -94,7 +94,8 @@ def _query_videos(args, session, config):
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from .embed.cli import _guarded, _Output, check_device
+    from .embed.cli import _guarded, check_device
+    from .embed.tables import TableOutput
 
     def go():
         from .embed.api import text_embeddings
@@ -109,7 +110,7 @@ def run_search(args: argparse.Namespace) -> int:
         if args.video and args.score == "probability":
             raise UsageError("--score probability is the text-video probability: it needs --text")
         check_device(args.device)
-        out = _Output(args.out) if args.out else None
+        out = TableOutput(args.out) if args.out else None
         try:
             source = open_embeddings(args.embeddings)
             index = None

@@ -14,8 +14,6 @@ import torch
 
 pytest.importorskip("av")
 
-from _media import write_checkpoint, write_corrupt, write_video  # noqa: E402
-
 from pevideo import cli  # noqa: E402
 from pevideo.embed import (  # noqa: E402
     ManifestMismatchError,
@@ -30,22 +28,6 @@ from pevideo.embed import (  # noqa: E402
 NF = 4  # frames per clip in these tests
 LABELS = ["a person playing tennis", "a cat sleeping", "a dog running"]
 ATOL, RTOL = 2e-5, 1e-4
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    root = tmp_path_factory.mktemp("embed")
-    ckpt = write_checkpoint(root / "ckpt")
-    v = root / "videos"
-    (v / "sub").mkdir(parents=True)
-    write_video(v / "a.mp4", 12)
-    write_video(v / "b.mp4", 5, 40, 56, seed=1)  # fewer frames than... and an odd size
-    write_corrupt(v / "bad.mp4")
-    write_video(v / "d.avi", 9, codec="mpeg4", seed=3)
-    write_video(v / "sub" / "c.mkv", 20, 36, 36, seed=2)
-    (v / "notes.txt").write_text("not a video, and not an input: folders take video extensions only\n")
-    order = [str(v / n) for n in ("a.mp4", "b.mp4", "bad.mp4", "d.avi", "sub/c.mkv")]
-    return dict(root=root, ckpt=ckpt, videos=str(v), order=order, good=[p for p in order if "bad" not in p])
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +70,10 @@ def read_errors(path):
 
 
 # --------------------------------------------------------------------------------------------------
-def test_embed_cli_end_to_end(media, reference, tmp_path, capsys):
+def test_embed_cli_end_to_end(media, reference, tmp_path, capsys, monkeypatch):
+    import pevideo.processing
+
+    monkeypatch.setattr(pevideo.processing, "_warned_defaults", set())  # once per process: other tests gave it
     out = tmp_path / "emb.safetensors"
     rc = embed(media["videos"], "--model", media["ckpt"], "--out", out, "--num-frames", NF, "--workers", 0,
                "--batch-size", 3, "--shard-size", 2, "--pooled")
@@ -120,8 +105,9 @@ def test_embed_cli_end_to_end(media, reference, tmp_path, capsys):
 
 def test_list_file_workers_folder_output(media, reference, tmp_path):
     """A list file (relative paths, comments, a folder) into a folder of shards, decoded by 2 workers."""
-    lst = media["root"] / "list.txt"
-    lst.write_text("# clips\nvideos/a.mp4\n\nvideos/b.mp4\nvideos/missing.mp4\nvideos/sub\n")
+    lst = tmp_path / "list.txt"
+    rel = os.path.relpath(media["videos"], tmp_path)  # relative to the list file's folder
+    lst.write_text(f"# clips\n{rel}/a.mp4\n\n{rel}/b.mp4\n{rel}/missing.mp4\n{rel}/sub\n")
     out = tmp_path / "emb"
     assert embed(lst, "--model", media["ckpt"], "--out", out, "--num-frames", NF, "--workers", 2,
                  "--batch-size", 2, "--shard-size", 3, "-q") == 1

@@ -10,26 +10,11 @@ import torch
 
 pytest.importorskip("av")
 
-from _media import write_checkpoint, write_corrupt, write_video  # noqa: E402
-
 from pevideo import cli  # noqa: E402
 from pevideo.embed import embed_to_file, read_embeddings  # noqa: E402
 from pevideo.errors import PevideoError, UsageError  # noqa: E402
 
 NF = 4
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    ckpt = write_checkpoint(root / "ckpt")
-    v = root / "videos"
-    v.mkdir()
-    write_video(v / "a.mp4", 12)
-    write_video(v / "b.mp4", 7, seed=1)
-    write_corrupt(v / "bad.mp4")
-    write_video(v / "c.mp4", 9, seed=2)
-    return dict(root=root, ckpt=ckpt, videos=str(v))
 
 
 def run(*args):
@@ -41,32 +26,28 @@ def err_lines(capsys):
     return cap.out, [line for line in cap.err.splitlines() if line.strip()]
 
 
-def forbid_model_loading(monkeypatch):
-    """Any attempt to load the model (or score a clip) fails the test loudly."""
-    import pevideo.embed.session as session
-
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(session, "load_model", boom)
+def _no_loading(*a, **k):
+    raise AssertionError("the model was loaded")
 
 
 # --------------------------------------------------------------------------------------------------
 def test_classify_checks_its_output_before_any_work(media, tmp_path, capsys, monkeypatch):
+    from pevideo.modeling import PeVideoModel
+
     common = ["--model", media["ckpt"], "--labels", "a cat", "--num-frames", NF, "--workers", 0]
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
     with monkeypatch.context() as m:
-        forbid_model_loading(m)
+        m.setattr(PeVideoModel, "from_pretrained", _no_loading)
         # Under a regular file: an OS error, exit 3, one line naming the output and the cause.
         assert run("classify", media["videos"], *common, "--out", not_a_folder / "p.csv") == 3
         out, err = err_lines(capsys)
         assert len(err) == 1 and str(not_a_folder / "p.csv") in err[0] and "Not a directory" in err[0], err
         assert "rerun" not in err[0] and "Traceback" not in err[0] and out == ""
-        # An existing folder as the output file.
-        assert run("classify", media["videos"], *common, "--out", tmp_path) == 3
+        # An existing folder as the output file: not a file name, a usage error.
+        assert run("classify", media["videos"], *common, "--out", tmp_path) == 2
         out, err = err_lines(capsys)
-        assert len(err) == 1 and "is a folder" in err[0]
+        assert len(err) == 1 and "not a file name" in err[0]
         # A folder that does not exist: a usage error.
         assert run("classify", media["videos"], *common, "--out", tmp_path / "nope" / "p.json") == 2
         out, err = err_lines(capsys)
@@ -92,13 +73,12 @@ def test_classify_prints_a_failed_clip_once_on_stderr(media, capsys):
     lines = cap.out.splitlines()
     i = lines.index(os.path.join(media["videos"], "bad.mp4"))
     assert "not scored" in lines[i + 1]  # the table still accounts for the clip
-    assert len(lines) == 4 + 3 * 2 + 1
+    assert len(lines) == len(media["order"]) + len(media["good"]) * 2 + 1
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:banana", "meta"] + ([] if torch.cuda.is_available() else ["cuda"]))
 @pytest.mark.parametrize("cmd", ["embed", "classify"])
-def test_unknown_device_is_a_usage_error(media, tmp_path, capsys, monkeypatch, device, cmd):
-    forbid_model_loading(monkeypatch)
+def test_unknown_device_is_a_usage_error(media, tmp_path, capsys, no_model_loading, device, cmd):
     extra = ["--out", tmp_path / "e.safetensors"] if cmd == "embed" else ["--labels", "a cat"]
     assert run(cmd, media["videos"], "--model", media["ckpt"], "--device", device, *extra) == 2
     out, err = err_lines(capsys)
@@ -140,11 +120,12 @@ def test_frame_counts_have_clear_names_and_old_files_still_read(media, tmp_path)
     out = tmp_path / "e.safetensors"
     embed_to_file([media["videos"]], media["ckpt"], out, num_frames=NF, num_workers=0, shard_size=2)
     emb = read_embeddings(out)
-    assert emb.source_frame_counts.tolist() == [12, 7, 9]
-    assert emb.sampled_frame_counts.tolist() == [NF, NF, NF]
-    assert emb.frame_counts.tolist() == [12, 7, 9]  # the old name: the source's count
+    good = len(media["good"])
+    assert emb.source_frame_counts.tolist() == media["frames"]
+    assert emb.sampled_frame_counts.tolist() == [NF] * good
+    assert emb.frame_counts.tolist() == media["frames"]  # the old name: the source's count
     tensors = load_file(out)
-    assert "frame_counts" not in tensors and tensors["sampled_frame_counts"].tolist() == [NF] * 3
+    assert "frame_counts" not in tensors and tensors["sampled_frame_counts"].tolist() == [NF] * good
 
     # A file written before the names changed: "frame_counts" only.
     with safe_open(out, framework="pt") as f:
@@ -154,11 +135,11 @@ def test_frame_counts_have_clear_names_and_old_files_still_read(media, tmp_path)
     old_path = tmp_path / "old.safetensors"
     save_file(old, old_path, metadata=meta)
     emb = read_embeddings(old_path)
-    assert emb.source_frame_counts.tolist() == [12, 7, 9] and emb.sampled_frame_counts.tolist() == [NF] * 3
+    assert emb.source_frame_counts.tolist() == media["frames"] and emb.sampled_frame_counts.tolist() == [NF] * good
 
 
 def test_os_error_mid_run_is_one_line_and_resume_advice_only_when_true(media, tmp_path, capsys, monkeypatch):
-    import pevideo.embed.api as api
+    import pevideo.embed.tofile as api
 
     real = api.write_shard
     out = tmp_path / "e.safetensors"
@@ -193,7 +174,7 @@ def test_os_error_mid_run_is_one_line_and_resume_advice_only_when_true(media, tm
 
 
 def test_interrupt_and_internal_errors(media, tmp_path, capsys, monkeypatch):
-    import pevideo.embed.api as api
+    import pevideo.embed.tofile as api
 
     args = ["embed", media["videos"], "--model", media["ckpt"], "--out", tmp_path / "e.safetensors",
             "--num-frames", NF, "--workers", 0, "-q"]
@@ -239,7 +220,7 @@ def test_damaged_outputs_are_one_line_file_errors(media, tmp_path, capsys):
     assert len(err) == 1 and str(zero) in err[0] and "damaged" in err[0] and "internal error" not in err[0], err
     garbage = tmp_path / "g"
     garbage.mkdir()
-    (garbage / "manifest.json").write_text("not json")
+    (garbage / "manifest.json").write_text('{"format": "pevideo.embeddings", "conf')  # pevideo's, cut short
     assert run("embed", media["videos"], *common, "--out", garbage) == 3
     out, err = err_lines(capsys)
     assert len(err) == 1 and str(garbage) in err[0] and "damaged" in err[0], err

@@ -19,36 +19,19 @@ import torch
 
 pytest.importorskip("av")
 
-from _media import write_checkpoint, write_corrupt, write_video  # noqa: E402
+from _media import write_checkpoint  # noqa: E402
 
 from pevideo import cli  # noqa: E402
 from pevideo.embed import embed_to_file, merge_shards, read_embeddings  # noqa: E402
-from pevideo.embed import safeio, store  # noqa: E402
-from pevideo.embed.store import (  # noqa: E402
-    DamagedOutputError,
-    ManifestMismatchError,
-    OutputLockedError,
-    StoreIOError,
-)
+from pevideo.embed import merging, safeio  # noqa: E402
+from pevideo.embed.layout import Layout  # noqa: E402
+from pevideo.embed.manifest import ManifestMismatchError  # noqa: E402
+from pevideo.embed.safeio import DamagedOutputError, OutputLockedError, StoreIOError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*no preprocessor config:UserWarning")
 
 NF = 4
 ARGS = dict(num_frames=NF, shard_size=2, batch_size=2, num_workers=0, progress=False)
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    ckpt = write_checkpoint(root / "ckpt", tokenizer=False)
-    v = root / "videos"
-    v.mkdir()
-    write_video(v / "a.mp4", 8)
-    write_video(v / "b.mp4", 5, 40, 56, seed=1)
-    write_corrupt(v / "c_bad.mp4")
-    write_video(v / "d.mp4", 6, seed=3)
-    write_video(v / "e.mp4", 7, seed=2)
-    return dict(root=root, ckpt=ckpt, videos=str(v))
 
 
 @pytest.fixture(scope="module")
@@ -176,13 +159,13 @@ def test_joined_file_is_checked(done, tmp_path, monkeypatch):
 
     # Shards that each pass their checks but do not fit together (a row twice): the join is refused.
     os.remove(out)
-    real = store._check_all_shards
+    real = merging.check_all_shards
 
-    def doubled(layout, man, full=False):
-        parts = real(layout, man, full)
+    def doubled(layout, man, full=False, partial=False):
+        parts = real(layout, man, full, partial)
         return [parts[0], parts[0], *parts[1:]] if full else parts
 
-    monkeypatch.setattr(store, "_check_all_shards", doubled)
+    monkeypatch.setattr(merging, "check_all_shards", doubled)
     with pytest.raises(DamagedOutputError, match="not strictly increasing"):
         merge_shards(out)
     assert not os.path.exists(out) and [n for n in os.listdir(tmp_path) if ".tmp." in n] == []
@@ -212,7 +195,8 @@ def test_stale_temporaries_are_removed(done, tmp_path):
 
 LOCKER = """
 import sys, time
-from pevideo.embed.store import Layout, output_lock
+from pevideo.embed.layout import Layout
+from pevideo.embed.merging import output_lock
 output_lock(Layout.of(sys.argv[1])).acquire()
 print("locked", flush=True)
 time.sleep(600)
@@ -302,13 +286,13 @@ def test_os_errors_are_one_line(done, tmp_path, monkeypatch, capsys):
     (tmp_path / "afile").write_text("mine\n")
     assert embed_cli(*base, "--out", tmp_path / "afile") == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "afile exists and is not a folder" in line
+    assert "afile: exists and is not a folder" in line
     assert (tmp_path / "afile").read_text() == "mine\n"
 
     # A 0-byte and a cut-short final file.
     for size in (0, 50):
         final = tmp_path / f"cut{size}.safetensors"
-        final.write_bytes(open(store.Layout.of(done["out"]).shard(0), "rb").read()[:size])
+        final.write_bytes(open(Layout.of(done["out"]).shard(0), "rb").read()[:size])
         assert embed_cli(*base, "--out", final) == 3
         line = one_error_line(capsys.readouterr().err)
         assert f"cut{size}.safetensors: is not a complete safetensors file ({size} bytes" in line
@@ -316,10 +300,10 @@ def test_os_errors_are_one_line(done, tmp_path, monkeypatch, capsys):
         with pytest.raises(DamagedOutputError, match=f"cut{size}"):
             read_embeddings(final)
 
-    # A garbage manifest: delete the folder or --overwrite (a rerun alone would fail the same way).
+    # A damaged manifest of pevideo's: delete the folder or --overwrite (a rerun alone would fail the same way).
     out = tmp_path / "garbage"
     out.mkdir()
-    (out / "manifest.json").write_text("{not json")
+    (out / "manifest.json").write_text('{"format": "pevideo.embeddings", "version": 3, "fingerp')
     assert embed_cli(*base, "--out", out) == 3
     line = one_error_line(capsys.readouterr().err)
     assert "manifest.json: is not a pevideo manifest" in line and "--overwrite" in line
@@ -327,3 +311,12 @@ def test_os_errors_are_one_line(done, tmp_path, monkeypatch, capsys):
         read_embeddings(out)
     assert embed_cli(*base, "--out", out, "--overwrite") == 1
     assert read_embeddings(out).input_index.tolist() == [0, 1, 3, 4]
+    # A manifest.json that is not pevideo's at all (a user's folder): refused, also with --overwrite.
+    out = tmp_path / "users"
+    out.mkdir()
+    (out / "manifest.json").write_text("{not json")
+    for extra in ([], ["--overwrite"]):
+        assert embed_cli(*base, "--out", out, *extra) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "manifest.json: exists and is not a manifest pevideo wrote; refusing to replace it" in line
+    assert os.listdir(out) == ["manifest.json"] and (out / "manifest.json").read_text() == "{not json"

@@ -90,7 +90,7 @@ def test_wheel_installs_pevideo_kernels_not_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"pevideo", "pevideo_kernels"}, top
-    assert "pevideo_kernels/rope_attention.py" in names and "pevideo/embed/store.py" in names
+    assert "pevideo_kernels/rope_attention.py" in names and "pevideo/embed/reading.py" in names
     # installed into a folder of its own and imported from elsewhere, it is the whole library
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:

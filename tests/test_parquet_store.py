@@ -12,7 +12,7 @@ pytestmark = pytest.mark.ray  # pyarrow comes with the ray extra
 from pevideo.embed.encode import ClipResult  # noqa: E402
 from pevideo.embed.safeio import DamagedOutputError  # noqa: E402
 from pevideo.embed import read_embeddings  # noqa: E402
-from pevideo.embed.store import ShardsMissingError  # noqa: E402
+from pevideo.embed.reading import ShardsMissingError  # noqa: E402
 
 D = 6
 PATHS = ["v0.mp4", "v1.mp4", "v2.mp4"]

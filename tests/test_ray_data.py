@@ -170,7 +170,7 @@ def test_rerun_skips_written_and_resolves_duplicates(media, local, ray_out, ray_
     assert again.stats.clips == 0 and again.done_before == 5
 
     # Other arguments on the same folder are refused, as `pevideo embed` refuses them.
-    from pevideo.embed.store import ManifestMismatchError
+    from pevideo.embed.manifest import ManifestMismatchError
 
     with pytest.raises(ManifestMismatchError, match="num_frames"):
         embed_with_ray([media["videos"]], media["ckpt"], out, num_frames=NF + 1, pooled=True)

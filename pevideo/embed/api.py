@@ -1,37 +1,20 @@
-"""The Python API of the embedding pipeline: :func:`embed_videos`, :func:`embed_to_file`,
-:func:`classify_videos` (and :func:`read_embeddings` / :func:`merge_shards` from :mod:`.store`)."""
+"""The Python API of the embedding pipeline's in-memory half: :func:`embed_videos` and
+:func:`classify_videos` (:func:`embed_to_file` is in :mod:`.tofile`; :func:`read_embeddings` in
+:mod:`.reading`, :func:`merge_shards` in :mod:`.merging`)."""
 from __future__ import annotations
 
-import json
-import math
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .distributed import Dist, combine_stats
+from ..processing import load_tokenizer
 from .encode import ClipResult, PipelineStats, run_clips
 from .inputs import expand_inputs
-from ..processing import load_tokenizer
-from .session import check_sampling, open_session
-from .store import (
-    DEFAULT_SHARD_SIZE,
-    MAX_HEADER_JSON,
-    EmbedSummary,
-    Layout,
-    fingerprint,
-    merge_shards,
-    model_id,
-    output_lock,
-    prepare,
-    sha256,
-    shard_ok,
-    summary_of_final,
-    write_shard,
-)
+from .options import EmbedOptions
+from .session import open_session
 
-__all__ = ["embed_videos", "embed_to_file", "classify_videos", "ClassifyResult", "text_embeddings", "check_out"]
+__all__ = ["embed_videos", "classify_videos", "ClassifyResult", "text_embeddings"]
 
 
 def embed_videos(
@@ -71,16 +54,23 @@ def embed_videos(
             :func:`pevideo.load_video`).
 
     Results carry float32 CPU tensors: ``video_embeds`` (D,) as ``model.get_video_features`` returns
-    them (not L2-normalized, like upstream's), and ``pooled`` (H,) when asked for.
+    them (not L2-normalized, like upstream's), and ``pooled`` (H,) when asked for. On CPU each clip is
+    encoded on its own: its result does not depend on the clips beside it in a batch (see
+    :mod:`pevideo.embed.encode`).
     """
     # Not a generator itself: bad arguments and a missing checkpoint raise here, not at the first next().
-    sampling = check_sampling(num_frames, fps)
+    opts = EmbedOptions.of(processor=processor, num_frames=num_frames, fps=fps, batch_size=batch_size,
+                           num_workers=num_workers, pooled=pooled, device=device, dtype=dtype, fast=fast,
+                           progress=progress, apply_rotation=apply_rotation)
+    paths, session = _start(videos, model, opts)
+    return run_clips(paths, range(len(paths)), session, opts, stats if stats is not None else PipelineStats())
+
+
+def _start(videos, model, opts: EmbedOptions):
+    """The inputs expanded and the session opened, as every run starts."""
     paths = expand_inputs(videos)
-    session = open_session(model, processor, device=device, dtype=dtype, fast=fast, sampling=sampling)
-    return run_clips(paths, range(len(paths)), session.model(), session.processor, sampling=sampling,
-                     batch_size=batch_size, num_workers=num_workers, pooled=pooled,
-                     stats=stats if stats is not None else PipelineStats(), progress=progress,
-                     apply_rotation=apply_rotation)
+    return paths, open_session(model, opts.processor, device=opts.device, dtype=opts.dtype, fast=opts.fast,
+                               sampling=opts.sampling)
 
 
 @dataclass
@@ -134,21 +124,19 @@ def classify_videos(
     :func:`pevideo.processing.load_tokenizer` for where one comes from. Other arguments as
     :func:`embed_videos`.
     """
-    sampling = check_sampling(num_frames, fps)
-    paths = expand_inputs(videos)
-    session = open_session(model, processor, device=device, dtype=dtype, fast=fast, sampling=sampling)
+    opts = EmbedOptions.of(processor=processor, num_frames=num_frames, fps=fps, batch_size=batch_size,
+                           num_workers=num_workers, device=device, dtype=dtype, fast=fast, progress=progress,
+                           apply_rotation=apply_rotation)
+    paths, session = _start(videos, model, opts)
     if tokenizer is None:
         if session.checkpoint is None:
             raise ValueError("classify_videos needs tokenizer= for a model that has no checkpoint folder")
         tokenizer = load_tokenizer(session.checkpoint)
-    model, processor = session.model(), session.processor
+    model = session.model()
     text = text_embeddings(model, tokenizer, labels)
     scale = float(model.text_video_logit_scale.float().item())
     bias = float(model.text_video_logit_bias.float().item())
-    results = run_clips(paths, range(len(paths)), model, processor, sampling=sampling,
-                        batch_size=batch_size, num_workers=num_workers, pooled=False,
-                        stats=stats if stats is not None else PipelineStats(), progress=progress,
-                        apply_rotation=apply_rotation)
+    results = run_clips(paths, range(len(paths)), session, opts, stats if stats is not None else PipelineStats())
     return _scores(results, text, scale, bias)
 
 
@@ -161,149 +149,3 @@ def _scores(results: Iterator[ClipResult], text: torch.Tensor, scale: float, bia
                 yield ClassifyResult(r.index, r.path, probs=torch.sigmoid(text @ r.video_embeds * scale + bias))
     finally:
         results.close()
-
-
-def check_out(out) -> None:
-    """Refuse an ``out`` that would not be what its name says (:class:`pevideo.errors.UsageError`):
-    ``X.safetensors`` is one file, any other name a folder of shards; a name with another extension
-    (``w14.txt``, ``emb.npy``) looks like a file and is refused unless it is an existing folder or ends
-    with a path separator; an existing file that is not a ``.safetensors`` output, or a folder named
-    ``X.safetensors``, is refused too."""
-    from ..errors import UsageError
-
-    p = os.fspath(out)
-    if not p:
-        raise UsageError("the output path is empty")
-    if p.endswith(".safetensors"):
-        if os.path.isdir(p):
-            raise UsageError(f"{p} is a folder; a .safetensors output is one file (drop the suffix for a folder of shards)")
-        return
-    if p.endswith(("/", os.sep)) or os.path.isdir(p):
-        return  # a folder, said so
-    if os.path.exists(p):
-        raise UsageError(f"{p} exists and is not a folder; the output is X.safetensors (one file) or a folder")
-    ext = os.path.splitext(os.path.basename(p))[1]
-    if ext:
-        raise UsageError(f"{p}: a {ext} name would become a folder of shards; the output is X.safetensors (one "
-                         f"file) or a folder (a name without an extension, or ending with / as in {p}/)")
-
-
-def embed_to_file(
-    inputs,
-    model,
-    out,
-    *,
-    processor=None,
-    num_frames: int | None = None,
-    fps: float | None = None,
-    batch_size: int = 8,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    num_workers: int | None = None,
-    pooled: bool = False,
-    device=None,
-    dtype=None,
-    fast: bool | None = None,
-    errors=None,
-    overwrite: bool = False,
-    keep_shards: bool = False,
-    progress: bool | None = None,
-    on_error: Callable[[ClipResult], None] | None = None,
-    on_shard: Callable[[int], None] | None = None,
-    apply_rotation: bool = False,
-) -> EmbedSummary:
-    """Embed every video of ``inputs`` into ``out``, resumably; what ``pevideo embed`` runs.
-
-    Args:
-        inputs: video files, folders and list files (see :func:`expand_inputs`).
-        model: a checkpoint folder / Hub id (loaded on ``device`` in ``dtype`` with ``fast`` only when
-            some shard is left to do) or a :class:`pevideo.PeVideoModel`.
-        out: ``X.safetensors`` (one file; shards are worked on in ``X.safetensors.shards/``) or a folder
-            (the shards are the output); other names are refused as :func:`check_out` says. See the
-            module docstring for the contents.
-        shard_size: clips per shard, the unit of resumption (and of work split across ranks).
-        errors: the errors file (JSONL ``{"index", "path", "error"}``); default ``X.errors.jsonl`` or
-            ``folder/errors.jsonl``. It is always written, empty when nothing failed.
-        overwrite: remove a previous run's outputs first (else a run with different arguments is
-            refused with :class:`ManifestMismatchError`, and one with the same arguments resumes).
-        keep_shards: keep the shard folder after joining a ``.safetensors`` output (recorded in the
-            manifest: a later :func:`merge_shards` keeps them too).
-        on_error: called with each failed :class:`ClipResult` as it happens (the CLI prints them).
-        on_shard: called with each shard number once that shard is on disk.
-        Other arguments as :func:`embed_videos`.
-
-    Under torchrun (WORLD_SIZE > 1) rank r takes shards s with s % WORLD_SIZE == r on cuda:LOCAL_RANK
-    (or CPU, with gloo), and rank 0 joins them after all ranks are done. Returns an
-    :class:`EmbedSummary`; ``summary.exit_status`` is 1 when any video failed.
-    """
-    check_out(out)
-    sampling = check_sampling(num_frames, fps)
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    paths = expand_inputs(inputs)
-    layout = Layout.of(out, errors)
-    if layout.final is not None:
-        size = sum(len(p.encode("utf-8", "surrogateescape")) + 4 for p in paths)
-        if size > MAX_HEADER_JSON:
-            raise ValueError(f"{len(paths)} paths are too many for one safetensors file's header; give a folder as "
-                             "the output (no .safetensors suffix) to keep the shards")
-    session = open_session(model, processor, device=device, dtype=dtype, fast=fast, sampling=sampling)
-    dist = Dist(session.device)
-    lock = output_lock(layout)
-    try:
-        dist.on_rank0(lock.acquire)  # one run at a time per output; rank 0 holds it for all ranks
-        if not session.loaded:
-            session.device = dist.device  # under torchrun: this rank's GPU
-        # apply_rotation recorded only when on, so that earlier runs' outputs keep their fingerprint
-        fp = fingerprint(paths, model_id(session.source), session.processor, sampling.num_frames, sampling.fps,
-                         session.dtype, pooled,
-                         shard_size, fast=session.fast, **({"apply_rotation": True} if apply_rotation else {}))
-        fp_sha = sha256(json.dumps(fp, sort_keys=True).encode())
-        num_shards = math.ceil(len(paths) / shard_size)
-        if dist.on_rank0(prepare, layout, fp, fp_sha, num_shards, overwrite, keep_shards) == "complete":
-            # Same arguments, already joined: nothing to do but restore the errors file if it was lost.
-            summary = dist.on_rank0(summary_of_final, layout)
-            summary.shards_skipped = num_shards
-            return summary
-
-        mine = [s for s in range(num_shards) if s % dist.world == dist.rank]
-        todo = [s for s in mine if not shard_ok(layout.shard(s), fp_sha)]
-        stats = PipelineStats()
-        if todo:
-            _encode_shards(paths, todo, layout, session.model(), session.processor, fp_sha, shard_size=shard_size,
-                           sampling=sampling, batch_size=batch_size, num_workers=num_workers,
-                           pooled=pooled, stats=stats, progress=progress if dist.rank == 0 else False,
-                           on_error=on_error, on_shard=on_shard, apply_rotation=apply_rotation)
-        # Also the barrier: after it, every rank's shards are on disk.
-        ranks = dist.gather((len(todo), len(mine) - len(todo), stats))
-        summary = dist.on_rank0(merge_shards, out, keep_shards=keep_shards, errors=errors)
-        summary.shards_written = sum(r[0] for r in ranks)
-        summary.shards_skipped = sum(r[1] for r in ranks)
-        summary.stats = combine_stats([r[2] for r in ranks])
-        return summary
-    finally:
-        lock.release()  # a no-op on ranks other than 0
-        dist.close()
-
-
-def _encode_shards(paths, todo, layout, model, processor, fp_sha, *, shard_size, sampling, batch_size,
-                   num_workers, pooled, stats, progress, on_error, on_shard, apply_rotation=False) -> None:
-    """Encode the clips of shards ``todo``; write each shard as soon as its last clip is in."""
-    dims = (model.config.text_config.hidden_size, model.config.video_config.hidden_size)
-    order = [i for s in todo for i in range(s * shard_size, min((s + 1) * shard_size, len(paths)))]
-    results = run_clips(paths, order, model, processor, sampling=sampling, batch_size=batch_size,
-                        num_workers=num_workers, pooled=pooled, stats=stats, progress=progress,
-                        apply_rotation=apply_rotation)
-    buf: list[ClipResult] = []
-    try:
-        for r in results:
-            if not r.ok and on_error is not None:
-                on_error(r)
-            buf.append(r)
-            s = r.index // shard_size
-            if r.index == min((s + 1) * shard_size, len(paths)) - 1:  # the shard's last clip
-                write_shard(layout, s, buf, fp_sha, dims, pooled, sampling.num_frames or 0)
-                buf = []
-                if on_shard is not None:
-                    on_shard(s)
-    finally:
-        results.close()  # stop the decoder pool now, also when interrupted

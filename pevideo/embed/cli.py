@@ -1,17 +1,17 @@
 """``pevideo embed``, ``pevideo classify`` and ``pevideo merge``: the command-line face of :mod:`pevideo.embed`.
 
 Exit status (EXIT_STATUS below, also in ``--help``): 0 = every video done; 1 = some videos could not be
-read (the others' outputs are written, the failures listed in the errors file); 2 = usage error (bad
-arguments, a device torch does not know, missing input or checkpoint, an output made with different
-arguments); 3 = the run failed on a file (unwritable output, disk full, damaged output) or inside
-pevideo; 130 = interrupted. Errors print one line naming the file and the cause (``PEVIDEO_DEBUG=1``
-adds the traceback); "rerun the same command to resume" is said only when finished shards are on disk.
+read (the others' outputs are written, the failures listed in the errors file); 2 = refused before any
+work (bad arguments, a device torch does not know, missing input or checkpoint, an output made with
+different arguments, an output path that would destroy something, an output another run is writing);
+3 = the run failed on a file (unwritable output, disk full, damaged output, a failed errors write) or
+inside pevideo; 130 = interrupted (also during start-up, see :mod:`pevideo.cli`). Errors print one line
+naming the file and the cause (``PEVIDEO_DEBUG=1`` adds the traceback); "rerun the same command to
+resume" is said only when finished shards are on disk.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import sys
@@ -20,10 +20,12 @@ __all__ = ["register"]
 
 EXIT_STATUS = """\
 exit status: 0 all done; 1 some videos could not be read (the rest is written, the failures are in
-the errors file / on stderr); 2 usage error (bad arguments, unknown device, missing input, checkpoint
-or output folder, an output made with other arguments); 3 the run failed on a file (unwritable
-output, disk full, a damaged output file) or inside pevideo; 130 interrupted. Errors are one line
-naming the file and the cause; PEVIDEO_DEBUG=1 adds the traceback.
+the errors file / on stderr); 2 refused before any work: bad arguments, unknown device, missing input
+or checkpoint (or a folder without config.json), an output made with other arguments, an output that
+would be written over an input, the checkpoint or a file pevideo did not write, an output another run
+is writing; 3 the run failed on a file (unwritable output, disk full, a damaged output file, an errors
+file that could not be written) or inside pevideo; 130 interrupted. Errors are one line naming the
+file and the cause; PEVIDEO_DEBUG=1 adds the traceback.
 """
 
 OUT_HELP = ("X.safetensors: one file (shards are worked on in X.safetensors.shards/ and joined at the end); "
@@ -85,7 +87,11 @@ def register(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1024, help="clips per shard, the unit of resuming (default 1024)")
     p.add_argument("--pooled", action="store_true", help="also store the video encoder's pooled output ('pooled')")
     p.add_argument("--errors", default=None, help="errors file, JSONL (default: X.errors.jsonl, or FOLDER/errors.jsonl)")
-    p.add_argument("--overwrite", action="store_true", help="discard a previous run's outputs instead of resuming")
+    p.add_argument("--overwrite", action="store_true", help="discard a previous run's outputs instead of resuming "
+                   "(only files pevideo wrote: anything else at those places is refused)")
+    p.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a rerun, try the clips that failed before again (default; --no-retry-failed keeps "
+                   "their errors). Inputs whose file changed since they were embedded are always embedded again")
     p.add_argument("--keep-shards", action="store_true", help="keep X.safetensors.shards/ after joining")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-video failure lines or summary")
     from .ray_run import add_arguments as add_ray_arguments
@@ -110,7 +116,9 @@ def register(sub) -> None:
     p.add_argument("--format", choices=["text", "csv", "json"], default=None,
                    help="output format (default: from --out's suffix, else text)")
     p.add_argument("--out", default=None, help="write here instead of stdout (checked before any clip is "
-                   "scored; written under a temporary name, renamed when complete)")
+                   "scored; written under a temporary name, renamed when complete; an existing file is replaced "
+                   "only when it is a table pevideo wrote). File names that are not UTF-8 or hold a newline are "
+                   "written as their JSON string (\"...\" with escapes), as in the embeddings file")
     p.set_defaults(func=run_classify)
 
     p = sub.add_parser("merge", help="join the shards of an embedding run (e.g. after a multi-GPU run was cut short)",
@@ -125,8 +133,14 @@ def register(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+def _err(line: str) -> None:
+    from .tables import printable
+
+    print(printable(line), file=sys.stderr)
+
+
 def _fail(cmd: str, msg) -> int:
-    print(f"pevideo {cmd}: error: {msg}", file=sys.stderr)
+    _err(f"pevideo {cmd}: error: {msg}")
     return 2
 
 
@@ -155,7 +169,8 @@ def _guarded(cmd: str, fn, resumable=lambda: 0, where: str | None = None) -> int
     import warnings
 
     from ..errors import PevideoError, UsageError
-    from .store import ManifestMismatchError, StoreError
+    from .manifest import ManifestMismatchError
+    from .safeio import StoreError
 
     def show(message, category, filename, lineno, file=None, line=None):
         if _is_rank0():  # under torchrun, once rather than once per rank
@@ -180,37 +195,36 @@ def _guarded(cmd: str, fn, resumable=lambda: 0, where: str | None = None) -> int
             return fn()
     except StoreError as exc:  # the output's files: one line naming the file, the cause and what to do
         traceback_if_asked()
-        print(f"pevideo {cmd}: error: {exc}", file=sys.stderr)
+        _err(f"pevideo {cmd}: error: {exc}")
         return exc.exit_status
     except (UsageError, ManifestMismatchError) as exc:
         traceback_if_asked()
         return _fail(cmd, _one_line(exc))
     except PevideoError as exc:  # pevideo's own runtime errors (a damaged output file, ...)
         traceback_if_asked()
-        print(f"pevideo {cmd}: error: {_one_line(exc)}{advice()}", file=sys.stderr)
+        _err(f"pevideo {cmd}: error: {_one_line(exc)}{advice()}")
         return 3
     except json.JSONDecodeError as exc:  # a damaged manifest / metadata: a file's fault, not the command's
         traceback_if_asked()
-        print(f"pevideo {cmd}: error: {where or 'the output'}: damaged (a JSON file in it: {exc})", file=sys.stderr)
+        _err(f"pevideo {cmd}: error: {where or 'the output'}: damaged (a JSON file in it: {exc})")
         return 3
     except (FileNotFoundError, ValueError, TypeError) as exc:  # a missing input/checkpoint, bad values
         traceback_if_asked()
         return _fail(cmd, _one_line(exc))
     except OSError as exc:  # unwritable output, disk full, ...
         traceback_if_asked()
-        print(f"pevideo {cmd}: error: {_one_line(exc)}{advice()}", file=sys.stderr)
+        _err(f"pevideo {cmd}: error: {_one_line(exc)}{advice()}")
         return 3
     except KeyboardInterrupt:
-        print(f"pevideo {cmd}: interrupted{advice()}", file=sys.stderr)
+        _err(f"pevideo {cmd}: interrupted{advice()}")
         return 130
     except Exception as exc:  # a bug: still one line, the traceback on demand
         traceback_if_asked()
         if type(exc).__module__.startswith("safetensors") or type(exc).__name__ == "SafetensorError":
-            print(f"pevideo {cmd}: error: {where or 'the output'}: damaged (a .safetensors file: {exc})",
-                  file=sys.stderr)
+            _err(f"pevideo {cmd}: error: {where or 'the output'}: damaged (a .safetensors file: {exc})")
             return 3
         hint = "" if os.environ.get("PEVIDEO_DEBUG") else " (internal error; PEVIDEO_DEBUG=1 shows the traceback)"
-        print(f"pevideo {cmd}: error: {_one_line(exc)}{hint}{advice()}", file=sys.stderr)
+        _err(f"pevideo {cmd}: error: {_one_line(exc)}{hint}{advice()}")
         return 3
 
 
@@ -251,12 +265,14 @@ def _is_rank0() -> bool:
 def _say(msg: str) -> None:
     from tqdm.auto import tqdm
 
-    tqdm.write(msg, file=sys.stderr)  # above the progress bar, not through it
+    from .tables import printable
+
+    tqdm.write(printable(msg), file=sys.stderr)  # above the progress bar, not through it; one line
 
 
 def _finished_shards(out) -> int:
     """Finished shards a rerun with --out ``out`` would keep (0 once the joined file is there)."""
-    from .store import Layout
+    from .layout import Layout
 
     layout = Layout.of(out)
     if layout.final is not None and os.path.isfile(layout.final):
@@ -267,8 +283,8 @@ def _finished_shards(out) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from .api import check_out, embed_to_file
     from .inputs import expand_inputs
+    from .tofile import embed_to_file
 
     def go():
         if args.engine == "ray":
@@ -276,25 +292,29 @@ def run_embed(args: argparse.Namespace) -> int:
 
             return run_cli(args)
         check_device(args.device)
-        check_out(args.out)
         paths = expand_inputs(args.inputs, must_exist=True)
-        summary = embed_to_file(
+        summary = embed_to_file(  # checks --out and --errors before any work
             paths, args.model, args.out, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
             shard_size=args.shard_size, num_workers=args.workers, pooled=args.pooled, device=args.device,
             dtype=args.dtype, fast=args.fast, errors=args.errors, overwrite=args.overwrite,
-            keep_shards=args.keep_shards, progress=args.progress, apply_rotation=args.apply_rotation,
+            keep_shards=args.keep_shards, retry_failed=args.retry_failed, progress=args.progress,
+            apply_rotation=args.apply_rotation,
             on_error=None if args.quiet else (lambda r: _say(f"pevideo embed: failed: {_failure(r)}")),
         )
         if not args.quiet and _is_rank0():
             st = summary.stats
             line = (f"pevideo embed: {summary.num_embedded} of {summary.num_inputs} videos embedded -> {summary.out}"
                     f" ({summary.shards_written} shard(s) written, {summary.shards_skipped} already done)")
+            if summary.num_retried:
+                line += f"; {summary.num_retried} that had failed tried again"
+            if summary.num_changed:
+                line += f"; {summary.num_changed} changed input(s) embedded again"
             if summary.num_failed:
                 line += f"; {summary.num_failed} failed, see {summary.errors_path}"
             if st.clips:
                 line += (f"; {st.clips_per_s:.1f} clips/s, waited on decoding "
                          f"{100 * st.wait_fraction:.0f}% of the time")
-            print(line, file=sys.stderr)
+            _err(line)
         # Under torchrun, rank 0 alone says that videos failed: torchrun exits with its status, and a
         # failing rank 0 does not get the others killed while they are still closing down.
         return summary.exit_status if _is_rank0() else 0
@@ -310,7 +330,7 @@ def run_merge(args: argparse.Namespace) -> int:
         msg = f"pevideo merge: {summary.num_embedded} of {summary.num_inputs} videos -> {summary.out}"
         if summary.num_failed:
             msg += f"; {summary.num_failed} failed, see {summary.errors_path}"
-        print(msg, file=sys.stderr)
+        _err(msg)
         return summary.exit_status
 
     return _guarded("merge", go, where=args.out)
@@ -328,48 +348,12 @@ def _labels(args) -> list[str]:
     return labels
 
 
-class _Output:
-    """An output file opened before the work starts (so that an unwritable place fails first, not after
-    every clip is scored): a temporary file beside it, renamed into place by :meth:`commit`."""
-
-    def __init__(self, path: str):
-        self.path = path
-        if os.path.isdir(path):
-            raise IsADirectoryError(21, "is a folder, not a file", path)
-        from .safeio import remove_stale_temporaries, tmp_name
-
-        folder = os.path.dirname(os.path.abspath(path))
-        self.tmp = tmp_name(os.path.abspath(path))
-        try:
-            # What an earlier, killed run of this output left (a writer that is gone), then our own.
-            remove_stale_temporaries(folder, (os.path.basename(path),), before_ns=0)
-            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:  # name the output, not the temporary name
-            self.tmp = None
-            raise type(exc)(exc.errno, f"cannot write here ({exc.strerror})", path) from None
-        os.close(fd)
-
-    def commit(self, text: str) -> None:
-        with open(self.tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(self.tmp, 0o666 & ~_umask())  # created 0600 until whole; then like any other output
-        os.replace(self.tmp, self.path)
-        self.tmp = None
-
-    def close(self) -> None:
-        if self.tmp is not None and os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def run_classify(args: argparse.Namespace) -> int:
     from .api import classify_videos
     from .inputs import expand_inputs
+    from .layout import check_table_path
+    from .session import checkpoint_folder, model_source
+    from .tables import TableOutput, is_table, render
 
     def go():
         labels = _labels(args)
@@ -378,21 +362,22 @@ def run_classify(args: argparse.Namespace) -> int:
             ext = os.path.splitext(args.out or "")[1].lower()
             fmt = {".csv": "csv", ".json": "json"}.get(ext, "text")
         check_device(args.device)
-        out = _Output(args.out) if args.out else None  # before the model is loaded or a clip decoded
+        paths = expand_inputs(args.inputs, must_exist=True)
+        source = model_source(args.model)  # resolved, not loaded
+        out = None
+        if args.out:  # before the model is loaded or a clip decoded
+            check_table_path(args.out, inputs=paths, checkpoint=checkpoint_folder(source), owned=is_table)
+            out = TableOutput(args.out)
         try:
-            paths = expand_inputs(args.inputs, must_exist=True)
             results = list(classify_videos(
-                paths, args.model, labels, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
+                paths, source, labels, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
                 num_workers=args.workers, device=args.device, dtype=args.dtype, fast=args.fast,
                 progress=args.progress, apply_rotation=args.apply_rotation,
             ))
             failed = [r for r in results if not r.ok]
             for r in failed:  # once, on stderr; the table on stdout only marks the clip
-                print(f"pevideo classify: failed: {_failure(r)}", file=sys.stderr)
-            if fmt == "text":
-                text = _as_text(results, labels, errors_inline=out is not None)
-            else:
-                text = {"csv": _as_csv, "json": _as_json}[fmt](results, labels)
+                _err(f"pevideo classify: failed: {_failure(r)}")
+            text = render(fmt, results, labels, to_file=out is not None)
             if out is not None:
                 out.commit(text)
             else:
@@ -403,39 +388,3 @@ def run_classify(args: argparse.Namespace) -> int:
         return 1 if failed else 0
 
     return _guarded("classify", go)
-
-
-def _as_text(results, labels, errors_inline: bool = True) -> str:
-    width = max(len(label) for label in labels)
-    lines = []
-    for r in results:
-        lines.append(r.path)
-        if not r.ok:
-            # In a file, the reason; on stdout, a mark (the reason is on stderr already).
-            lines.append(f"  error: {r.error}" if errors_inline else "  not scored (could not be read; see stderr)")
-            continue
-        for label, p in zip(labels, r.probs.tolist()):
-            lines.append(f"  {p:.4f}  {label:<{width}}".rstrip())
-    return "\n".join(lines) + "\n"
-
-
-def _as_csv(results, labels) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", *labels, "error"])
-    for r in results:
-        probs = [f"{p:.6g}" for p in r.probs.tolist()] if r.ok else [""] * len(labels)
-        w.writerow([r.path, *probs, r.error or ""])
-    return buf.getvalue()
-
-
-def _as_json(results, labels) -> str:
-    rows = []
-    for r in results:
-        row = {"index": r.index, "path": r.path}
-        if r.ok:
-            row["probs"] = [round(p, 6) for p in r.probs.tolist()]
-        else:
-            row["error"] = r.error
-        rows.append(row)
-    return json.dumps({"labels": labels, "results": rows}, indent=2) + "\n"

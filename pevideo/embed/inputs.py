@@ -14,7 +14,10 @@ LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
 class VideoPaths(list):
     """The result of :func:`expand_inputs`: video paths, already expanded. Given to the pipeline's
-    functions, it is taken as is rather than expanded again."""
+    functions, it is taken as is rather than expanded again. ``sources``: what was given (files,
+    folders, list files), so that no output is written over one of them."""
+
+    sources: tuple[str, ...] = ()
 
 
 def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike], *, must_exist: bool = False) -> VideoPaths:
@@ -47,7 +50,9 @@ def expand_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike], *, mu
             out.append(p)
     if not out:
         raise ValueError(f"no videos found in {[os.fspath(i) for i in inputs]}")
-    return VideoPaths(out)
+    result = VideoPaths(out)
+    result.sources = tuple(os.fspath(i) for i in inputs)
+    return result
 
 
 def _walk(folder: str) -> list[str]:

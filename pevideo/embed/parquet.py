@@ -282,7 +282,7 @@ def check_complete(sc: Scan, where: str, advice: str) -> None:
     """A scanned output with a manifest holds every input of its run exactly once, in order:
     :class:`ShardsMissingError` (with ``advice``) when inputs are missing, :class:`DamagedOutputError`
     when its rows are not the run's inputs."""
-    from .store import ShardsMissingError
+    from .reading import ShardsMissingError
 
     n = int(sc.manifest["config"]["num_inputs"])
     missing = n - int(((sc.input_index >= 0) & (sc.input_index < n)).sum())
@@ -319,7 +319,7 @@ def read_parquet_embeddings(path):
     """:func:`pevideo.read_embeddings` of a Parquet output: one row per input, in input order."""
     import pyarrow.parquet as pq
 
-    from .store import Embeddings
+    from .reading import Embeddings
 
     where = os.fspath(path)
     sc = scan(where)

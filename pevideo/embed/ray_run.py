@@ -72,7 +72,7 @@ def _init_ray(address) -> bool:
 def _prepare(out: str, config: dict, overwrite: bool) -> dict:
     """Check or write the manifest (holding the lock); with ``overwrite`` remove a previous run's files."""
     from .records import FORMAT
-    from .store import ManifestMismatchError
+    from .manifest import ManifestMismatchError
 
     with io_errors(out):
         os.makedirs(out, exist_ok=True)
@@ -139,7 +139,7 @@ def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None
     import ray
 
     from .. import ray_data
-    from .store import EmbedSummary
+    from .merging import EmbedSummary
 
     out = os.fspath(out)
     check_parquet_out(out)
@@ -212,7 +212,7 @@ def merge_parquet(out, *, keep_shards: bool | None = None, errors=None):
     ``out/embeddings.parquet`` (temporary name, then renamed); the other Parquet files are removed
     unless ``keep_shards``; ``errors.jsonl`` written. A run's folder must hold every input
     (:class:`ShardsMissingError` otherwise)."""
-    from .store import EmbedSummary
+    from .merging import EmbedSummary
 
     out = os.fspath(out)
     if not os.path.isdir(out):

@@ -1,6 +1,7 @@
 """What a shard or a joined file of an embedding run must hold, and the checks that it does: its
-place (shard number, input range), its fingerprint, a SHA-256 per tensor, and rows that cover each
-input of its range exactly once, in order (the failed ones listed in its ``errors``)."""
+place (shard number, input range), its fingerprint, a SHA-256 per tensor and one over its metadata
+(paths, errors, range: a flipped bit in a path is caught too), and rows that cover each input of its
+range exactly once, in order (the failed ones listed in its ``errors``)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +13,19 @@ import torch
 from .fingerprint import sha256
 from .safeio import DamagedOutputError, io_errors
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "serialize", "read_header", "shard_problem", "complete_problem", "rows_problem"]
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "ROW_STATS", "serialize", "read_header", "load_checked", "shard_problem",
+    "complete_problem", "rows_problem", "meta_problem",
+]
 
 FORMAT = "pevideo.embeddings"
-FORMAT_VERSION = 2  # 2: shards record their number, input range and per-tensor SHA-256
+# 2: shards record their number, input range and per-tensor SHA-256.
+# 3: a SHA-256 over the metadata (meta_sha256), and each input's size and mtime (source_size,
+#    source_mtime_ns) with its row.
+FORMAT_VERSION = 3
+
+# Per-row tensors a version-2 file lacks; read back as -1 ("not recorded").
+ROW_STATS = ("source_size", "source_mtime_ns")
 
 REDO = "delete it and rerun the same `pevideo embed` command to redo it"
 
@@ -24,12 +34,18 @@ def tensor_sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
+def meta_sha(meta: dict) -> str:
+    """The SHA-256 of a file's metadata, all of it but this checksum itself."""
+    return sha256(json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"}, sort_keys=True).encode())
+
+
 def serialize(tensors: dict, metadata: dict) -> bytes:
-    """The safetensors bytes, with each tensor's SHA-256 in the metadata (checked when read)."""
+    """The safetensors bytes, with each tensor's SHA-256 and one over the metadata (checked when read)."""
     from safetensors.torch import save
 
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     metadata = dict(metadata, sha256=json.dumps({k: tensor_sha(v) for k, v in sorted(tensors.items())}))
+    metadata["meta_sha256"] = meta_sha(metadata)
     return save(tensors, metadata=metadata)
 
 
@@ -48,6 +64,21 @@ def read_header(path: str) -> dict:
             raise DamagedOutputError(path, f"is not a complete safetensors file ({size} bytes; {exc})", REDO) from exc
 
 
+def load_checked(path: str) -> tuple[dict, dict, str]:
+    """(tensors, metadata, SHA-256 of the file's bytes), reading the file once."""
+    from safetensors.torch import load
+
+    with io_errors(path, "read"), open(path, "rb") as f:
+        data = f.read()
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        tensors = load(data)
+    except Exception as exc:
+        raise DamagedOutputError(path, f"is not a complete safetensors file ({len(data)} bytes; {exc})", REDO) from exc
+    return tensors, meta, sha256(data)
+
+
 def range_text(a, b) -> str:
     return f"inputs {a}-{int(b) - 1}" if int(b) > int(a) else "no inputs"
 
@@ -57,9 +88,21 @@ def expected_range(man: dict, s: int) -> tuple[int, int]:
     return s * size, min((s + 1) * size, n)
 
 
+def meta_problem(meta: dict) -> str | None:
+    """Why a file's metadata is not as written (None when it is, or when its version had no checksum)."""
+    if "meta_sha256" not in meta:
+        return "has no metadata checksum" if int(meta.get("version", "0") or 0) >= 3 else None
+    if meta_sha(meta) != meta["meta_sha256"]:
+        return "its metadata (paths, errors, ranges) fails its checksum (the file was changed or damaged)"
+    return None
+
+
 def rows_problem(tensors: dict, shapes: dict, meta: dict, start: int, end: int) -> str | None:
     """Why the rows of a file covering inputs [start, end) are not each of them exactly once, in order
     (with the failed ones listed in ``errors``); None when they are. ``shapes``: every tensor's shape."""
+    problem = meta_problem(meta)
+    if problem is not None:
+        return problem
     sums = json.loads(meta.get("sha256", "{}"))
     for name, t in tensors.items():
         if name in sums and tensor_sha(t) != sums[name]:
@@ -87,10 +130,13 @@ def rows_problem(tensors: dict, shapes: dict, meta: dict, start: int, end: int) 
 
 def shard_problem(path: str, s: int, man: dict, full: bool) -> tuple[str | None, tuple]:
     """Why the file at shard ``s``'s place is not shard ``s`` of this run (None when it is), and the
-    loaded (tensors, meta) when ``full``."""
+    loaded (tensors, meta) when ``full``. A shard whose checksum the manifest recorded must match it."""
     from safetensors import safe_open
 
-    meta = read_header(path)
+    if full:
+        tensors, meta, file_sha = load_checked(path)
+    else:
+        meta = read_header(path)
     if meta.get("format") != FORMAT:
         return "is not a pevideo embeddings shard", ()
     if meta.get("fingerprint") != man["fingerprint"]:
@@ -102,19 +148,20 @@ def shard_problem(path: str, s: int, man: dict, full: bool) -> tuple[str | None,
     if got != (str(s), str(start), str(end)):
         return (f"holds shard {got[0]} ({range_text(got[1] or 0, got[2] or 0)}), not shard {s} "
                 f"({range_text(start, end)}): copied or renamed"), ()
-    with io_errors(path, "read"):
-        if full:
-            from safetensors.torch import load_file
-
-            tensors = load_file(path)
-            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        else:
-            with safe_open(path, framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-                tensors = {"input_index": f.get_tensor("input_index")} if "input_index" in shapes else {}
+    if full:
+        recorded = (man.get("shards") or {}).get(str(s))
+        if recorded is not None and file_sha != recorded and meta_problem(meta) is None:
+            # (a damaged metadata or tensor is named below, more precisely)
+            problem = rows_problem(tensors, {k: tuple(v.shape) for k, v in tensors.items()}, meta, start, end)
+            return problem or "does not match the checksum the manifest recorded for it (changed or damaged)", ()
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    else:
+        with io_errors(path, "read"), safe_open(path, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in ("input_index", *ROW_STATS) if k in shapes}
     if "input_index" not in tensors:
         return "has no input_index", ()
-    return rows_problem(tensors, shapes, meta, start, end), ((tensors, meta) if full else ())
+    return rows_problem(tensors, shapes, meta, start, end), (tensors, meta)
 
 
 def complete_problem(tensors: dict, meta: dict, config: dict) -> str | None:

@@ -9,13 +9,15 @@ import json
 import os
 import re
 import socket
+import stat
 import time
 
-from ..errors import PevideoError
+from ..errors import PevideoError, UsageError
 
 __all__ = [
     "StoreError", "StoreIOError", "OutputPathError", "OutputLockedError", "DamagedOutputError",
     "OutputLock", "atomic_write_bytes", "atomic_write_text", "remove_stale_temporaries", "io_errors", "tmp_name",
+    "lock_holder", "is_regular_or_absent",
 ]
 
 
@@ -48,8 +50,9 @@ class StoreIOError(StoreError):
         return type(self), (self.path, self.cause, self.advice, self.errno)
 
 
-class OutputPathError(StoreError, ValueError):
-    """``--out`` names something that cannot be this kind of output (a file where a folder goes, ...)."""
+class OutputPathError(StoreError, UsageError):
+    """An output path that cannot be written as asked (a file where a folder goes, an input, a file
+    pevideo did not write, a place inside the checkpoint, ...): refused before any work."""
 
     exit_status = 2
 
@@ -99,9 +102,27 @@ def _write_file(path: str, data) -> None:
         os.fsync(f.fileno())
 
 
+def is_regular_or_absent(path: str) -> bool:
+    """Whether ``path`` is a regular file (or a symbolic link to one) or nothing yet: a place a
+    temporary file can be renamed over. A device, a FIFO (``/dev/stderr``, ``/dev/full``) is written
+    in place instead; renaming over it would replace the device itself."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return True  # let the write itself say what is wrong
+
+
 def atomic_write_bytes(path: str, data) -> None:
     """Write under a temporary name, flush to disk, then rename: a reader sees a complete file or none.
-    A failed write removes its temporary (a disk that filled up is not kept filled)."""
+    A failed write removes its temporary (a disk that filled up is not kept filled). A path that is
+    not a regular file (a device, a FIFO) is written in place, never replaced."""
+    if not is_regular_or_absent(path):
+        with io_errors(path), open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+        return
     tmp = tmp_name(path)
     with io_errors(path):
         try:
@@ -210,6 +231,10 @@ class OutputLock:
                 if same:
                     break
                 os.close(fd)
+            if not _lock_content_ok(fd):
+                os.close(fd)
+                raise OutputPathError(key, "exists and is not a pevideo lock file; refusing to replace it",
+                                      "move it away, or give another --out")
             info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             try:
                 os.ftruncate(fd, 0)
@@ -257,6 +282,50 @@ def lock_time(path: str) -> int:
         return os.fstat(entry[0]).st_mtime_ns
     except OSError:
         return 0
+
+
+def _lock_content_ok(fd: int) -> bool:
+    """An empty file or one holding a lock's JSON (pid, host, started): one pevideo made."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 4096)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        return True
+    if not data.strip():
+        return True
+    try:
+        info = json.loads(data.decode())
+    except ValueError:
+        return False
+    return isinstance(info, dict) and "pid" in info
+
+
+def lock_holder(path: str) -> str | None:
+    """Who holds the lock at ``path`` ("pid N on HOST, since ..."), or None when no run does. Looks
+    without taking it for longer than the look (a shared lock, released at once); this process's own
+    lock counts as held."""
+    key = os.path.abspath(path)
+    if key in _held:
+        return f"pid {os.getpid()} (this process)"
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file: no run holds it
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return _holder(fd)
+            return None
+        return None
+    finally:
+        os.close(fd)  # also lets go of the shared lock
 
 
 def _holder(fd: int) -> str:

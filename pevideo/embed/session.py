@@ -8,25 +8,27 @@ processor's output size is checked against the model's frame size from the setti
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..loading import resolve_checkpoint, resolve_device, resolve_dtype
 from ..limits import Limits
+from ..loading import resolve_checkpoint, resolve_device, resolve_dtype
 from ..processing import Normalization, PeVideoVideoProcessor, checkpoint_frame_size
 from ..sampling import Sampling
 
-__all__ = ["Session", "open_session", "load_model", "load_processor", "check_sampling", "DEFAULT_NUM_FRAMES"]
+__all__ = ["Session", "open_session", "model_source", "checkpoint_folder", "source_device", "load_model",
+           "load_processor", "check_sampling", "DEFAULT_NUM_FRAMES"]
 
 DEFAULT_NUM_FRAMES = 16
 
 
-@dataclass
+@dataclass(frozen=True)
 class Session:
-    """What a run encodes with. ``source``: the checkpoint folder, or the model object given;
-    ``checkpoint``: the folder the weights (and processor, tokenizer) come from, None for a model built
-    in memory; ``frame_size``: (h, w) the model takes. :meth:`model` loads a checkpoint's model once."""
+    """What a run encodes with, fixed once opened. ``source``: the checkpoint folder, or the model object
+    given; ``checkpoint``: the folder the weights (and processor, tokenizer) come from, None for a model
+    built in memory; ``frame_size``: (h, w) the model takes. :meth:`model` loads a checkpoint's model
+    once (the only thing that happens later: loading is skipped when a run has nothing left to do)."""
 
     source: object
     checkpoint: str | None
@@ -35,7 +37,7 @@ class Session:
     fast: bool
     processor: PeVideoVideoProcessor
     frame_size: tuple[int, int]
-    _model: object = None
+    _loaded: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def normalization(self) -> Normalization:
@@ -43,16 +45,49 @@ class Session:
 
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return bool(self._loaded) or not isinstance(self.source, str)
 
     def model(self):
         """The model: the object given, or the checkpoint's, loaded (once) on ``device`` in ``dtype``."""
-        if self._model is None:
+        if not isinstance(self.source, str):
+            return self.source
+        if not self._loaded:
             from ..modeling import PeVideoModel
 
-            self._model = PeVideoModel.from_pretrained(self.checkpoint, fast=self.fast, dtype=self.dtype,
-                                                       device=self.device)
-        return self._model
+            self._loaded.append(PeVideoModel.from_pretrained(self.checkpoint, fast=self.fast, dtype=self.dtype,
+                                                             device=self.device))
+        return self._loaded[0]
+
+
+def model_source(model):
+    """A run's model, resolved without loading it: a checkpoint folder (a Hub id is fetched; a folder
+    without config.json is a usage error naming it) or the :class:`pevideo.PeVideoModel` given."""
+    from ..errors import UsageError
+    from ..modeling import PeVideoModel
+
+    if isinstance(model, PeVideoModel):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a pevideo PeVideoModel or a checkpoint path, got {type(model).__name__}")
+    folder = resolve_checkpoint(model)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UsageError(f"{folder}: no config.json, so not a checkpoint folder (a checkpoint holds config.json "
+                         "and its weights, as save_pretrained writes them)")
+    return folder
+
+
+def checkpoint_folder(source) -> str | None:
+    """The folder ``source`` (from :func:`model_source`) comes from, if any."""
+    if isinstance(source, str):
+        return source
+    folder = getattr(source, "name_or_path", None)  # set by from_pretrained
+    return folder if folder and os.path.isdir(folder) else None
+
+
+def source_device(source, device=None) -> torch.device:
+    """Where the run encodes: a model object's own device, else ``device`` resolved ("auto"/None: CUDA
+    when available)."""
+    return source.device if not isinstance(source, str) else resolve_device(device, default="auto")
 
 
 def open_session(model, processor=None, *, device=None, dtype=None, fast: bool | None = None,
@@ -69,28 +104,24 @@ def open_session(model, processor=None, *, device=None, dtype=None, fast: bool |
     when ``sampling``'s ``num_frames`` frames at the model's frame size exceed the memory budget
     (:class:`pevideo.limits.Limits`): refused before any model is loaded or clip decoded.
     """
-    from ..modeling import PeVideoModel
-
-    if isinstance(model, (str, os.PathLike)):
-        session = _checkpoint_session(model, device, dtype, fast)
-    elif isinstance(model, PeVideoModel):
-        folder = getattr(model, "name_or_path", None)  # set by from_pretrained
-        session = Session(
-            source=model, checkpoint=folder if folder and os.path.isdir(folder) else None, device=model.device,
-            dtype=model.dtype, fast=model.fast, processor=None,
-            frame_size=tuple(model.video_encoder.vit.args.img_size), _model=model,
-        )
+    source = model_source(model)
+    folder = checkpoint_folder(source)
+    if isinstance(source, str):
+        dev = source_device(source, device)
+        settings = dict(device=dev, dtype=resolve_dtype(dtype, dev), fast=resolve_fast(fast, dev),
+                        frame_size=checkpoint_frame_size(source))
     else:
-        raise TypeError(f"model must be a pevideo PeVideoModel or a checkpoint path, got {type(model).__name__}")
-    session.processor = load_processor(processor, session.checkpoint, session.frame_size)
-    got = session.processor.output_size
-    if got is None or tuple(got) != tuple(session.frame_size):
+        settings = dict(device=source.device, dtype=source.dtype, fast=source.fast,
+                        frame_size=tuple(source.video_encoder.vit.args.img_size))
+    proc = load_processor(processor, folder, settings["frame_size"])
+    got = proc.output_size
+    if got is None or tuple(got) != tuple(settings["frame_size"]):
         made = "frames of the input's size (no resize)" if got is None else f"{got[0]}x{got[1]} frames"
-        h, w = session.frame_size
+        h, w = settings["frame_size"]
         raise ValueError(f"the processor makes {made} but the model takes {h}x{w}")
     if sampling is not None and sampling.num_frames is not None:
-        Limits.resolve().check_frames(sampling.num_frames, *session.frame_size, name="num_frames")
-    return session
+        Limits.resolve().check_frames(sampling.num_frames, *settings["frame_size"], name="num_frames")
+    return Session(source=source, checkpoint=folder, processor=proc, **settings)
 
 
 def load_processor(processor, checkpoint, frame_size) -> PeVideoVideoProcessor:
@@ -109,17 +140,6 @@ def load_processor(processor, checkpoint, frame_size) -> PeVideoVideoProcessor:
     return PeVideoVideoProcessor.pe_default(frame_size, "no processor given and the model has no checkpoint folder")
 
 
-def _checkpoint_session(path, device, dtype, fast) -> Session:
-    """A checkpoint's session, processor not yet chosen."""
-    checkpoint = resolve_checkpoint(path)
-    dev = resolve_device(device, default="auto")
-    return Session(
-        source=checkpoint, checkpoint=checkpoint, device=dev, dtype=resolve_dtype(dtype, dev),
-        fast=resolve_fast(fast, dev), processor=None,
-        frame_size=checkpoint_frame_size(checkpoint),
-    )
-
-
 def resolve_fast(fast, device: torch.device) -> bool:
     """None: the fused kernels on a GPU, eager on CPU (where they would run in Triton's slow interpreter)."""
     return (device.type == "cuda") if fast is None else bool(fast)
@@ -127,7 +147,7 @@ def resolve_fast(fast, device: torch.device) -> bool:
 
 def load_model(path, *, device=None, dtype=None, fast: bool | None = None):
     """``PeVideoModel.from_pretrained`` with the pipeline's defaults (see :func:`open_session`)."""
-    return _checkpoint_session(path, device, dtype, fast).model()
+    return open_session(path, device=device, dtype=dtype, fast=fast).model()
 
 
 def check_sampling(num_frames, fps) -> Sampling:

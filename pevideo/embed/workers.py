@@ -45,13 +45,24 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path = self.paths[i]
+        stat = _stat(path)  # before decoding: a file changed meanwhile differs from it at the next run
         try:
             frames, meta = read_video(path, self.plan)
             return dict(index=i, path=path, frames=torch.from_numpy(frames), total=int(meta.total_num_frames),
-                        indices=list(meta.frames_indices), error=None, truncated_suspect=meta.truncated_suspect)
+                        indices=list(meta.frames_indices), error=None, truncated_suspect=meta.truncated_suspect,
+                        **stat)
         except Exception as exc:  # one unreadable video is that video's problem, not the run's
             return dict(index=i, path=path, frames=None, total=0, indices=[], error=_reason(exc),
-                        truncated_suspect=None)
+                        truncated_suspect=None, **stat)
+
+
+def _stat(path: str) -> dict:
+    """The input's size and modification time (what a rerun compares to notice a replaced file)."""
+    try:
+        st = os.stat(path)
+        return dict(size=int(st.st_size), mtime_ns=int(st.st_mtime_ns))
+    except OSError:
+        return dict(size=-1, mtime_ns=-1)
 
 
 def _reason(exc: Exception) -> str:
