@@ -1,6 +1,6 @@
 """The training side of the ahead-of-time GPU build check (tests/_build_for_gpu.py): build jobs for
 rope_attention's backward kernels (dQ and dK/dV) and for the forward storing the log-sum-exp, for the
-model's training shapes, with exactly the arguments a launch would pass (``_bwd_kernel_args``,
+model's training shapes, with exactly the arguments a launch would pass (``bwd_kernel_args``,
 ``kernel_args``), real CPU tensors of the launch's shapes and strides. ``backward_jobs(arch, launch_spec)``
 returns jobs in _build_for_gpu's format; ``BWD_KERNELS`` maps their kernel names to the kernels.
 """
@@ -70,10 +70,12 @@ def backward_jobs(arch: int, launch_spec) -> list:
         # the two backward kernels, with the tiles a CUDA launch picks
         delta = torch.empty(lse.shape, dtype=torch.float32)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _passes, *launches = ra.bwd_kernel_args(o, q, k, v, o, lse, dq, dk, dv, delta, a)  # (passes: built
-        for name, (kargs, (flags, opts), _grid) in zip(BWD_KERNELS, launches):  # for the forward already)
+        _passes, dq_launch, dkdv = ra.bwd_kernel_args(o, q, k, v, o, lse, dq, dk, dv, delta, a)  # (passes: the
+        launches = [("rope_attn_bwd_dq", dq_launch)] + [("rope_attn_bwd_dkdv", x) for x in dkdv]  # forward's)
+        for name, (kargs, (flags, opts), _grid) in launches:
             kw = {**flags, "FAST_TRIG": True, **opts}
+            part = {1: " dV", 2: " dK"}.get(flags.get("PART", 0), "")
             out.append((name, launch_spec(name, kargs, kw, arch), arch,
                         f"{name} {label} [{flags['BLOCK_M']}x{flags['BLOCK_N']} w{opts['num_warps']} "
-                        f"s{opts['num_stages']}] sm_{arch}"))
+                        f"s{opts['num_stages']}{part}] sm_{arch}"))
     return out

@@ -69,13 +69,15 @@ def test_kernels_compile_for_hopper():
             assert f["wgmma"] == "yes", f"no wgmma: {line}"
             if "rope_k=prerotate*" in line:  # the frame shape's default configs: 2 CTAs per SM
                 assert int(f["regs"]) <= TWO_CTAS_REGS and int(f["smem"]) <= TWO_CTAS_SMEM, f"not 2 CTAs/SM: {line}"
-    # the backward: no spills at any head_dim in 16-bit; the frame tiles (head_dim 64) exponentiate every
-    # score once (no score held by two threads)
+    # the backward: no spills (head_dim 256's dK half excepted: 8 registers, kernels/README.md); the frame
+    # tiles (head_dim 64) exponentiate every score once (no score held by two threads)
     bwd = [line for line in lines if line.startswith("ok rope_attn_bwd")]
     assert len(bwd) >= 12
     for line in bwd:
         f = _fields(line)
-        if "float32" not in line:
+        if " d256 " in line:
+            assert int(f["spill_st"]) <= 16, f"spills: {line}"
+        else:
             assert not _spills(f), f"spills: {line}"
         if "frames torch.bfloat16" in line:
             assert float(f["ex2_per_score"]) == 1.0, f"a score's exp2 computed more than once: {line}"

@@ -227,10 +227,11 @@ def _dkdv_tile(
     Qh, DOh, Lh, Eh, Mrow, start_m, len_q, qk2,
     stride_qt, stride_dot, stride_lt, stride_et, stride_mt,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAS_ROPE: tl.constexpr, ZERO_PAD_Q: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HAS_ROPE: tl.constexpr, ZERO_PAD_Q: tl.constexpr, IEEE_DOT: tl.constexpr, PART: tl.constexpr,
 ):
     """Queries [start_m, start_m + BLOCK_M) of one head against this program's K/V tile; scores are
-    computed transposed (keys on rows) so that dK and dV accumulate without transposing p."""
+    computed transposed (keys on rows) so that dK and dV accumulate without transposing p. PART: 0
+    both, 1 dV only, 2 dK only."""
     dt = Qh.dtype.element_ty
     m64 = tl.cast(start_m, tl.int64)
     offs_r = tl.arange(0, BLOCK_M)
@@ -245,13 +246,15 @@ def _dkdv_tile(
         do = tl.load(DOh + m64 * stride_dot + offs_r[:, None] * stride_dot + od[None, :],
                      mask=q_ok[:, None] & (od < HEAD_DIM)[None, :], other=0.0)
         lse2 = tl.load(Lh + m64 * stride_lt + offs_r * stride_lt, mask=q_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(Eh + m64 * stride_et + offs_r * stride_et, mask=q_ok, other=0.0)
         kq = _dot(k, tl.trans(q), None, IEEE_DOT)  # (BLOCK_N, BLOCK_M)
         pt = tl.where(n_ok[:, None] & q_ok[None, :], tl.math.exp2(kq * qk2 - lse2[None, :]), 0.0)
-        dv = _dot(pt.to(dt), do, dv, IEEE_DOT)
-        dpt = _dot(v, tl.trans(do), None, IEEE_DOT)
-        dst = (pt * (dpt - delta[None, :])).to(dt)
-        dk = _dot(dst, q, dk, IEEE_DOT)
+        if PART != 2:
+            dv = _dot(pt.to(dt), do, dv, IEEE_DOT)
+        if PART != 1:
+            delta = tl.load(Eh + m64 * stride_et + offs_r * stride_et, mask=q_ok, other=0.0)
+            dpt = _dot(v, tl.trans(do), None, IEEE_DOT)
+            dst = (pt * (dpt - delta[None, :])).to(dt)
+            dk = _dot(dst, q, dk, IEEE_DOT)
     return dk, dv
 
 
@@ -273,7 +276,10 @@ def rope_attn_bwd_dkdv(
     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, IS_PACKED: tl.constexpr,
     HAS_MASK: tl.constexpr, ZERO_PAD_Q: tl.constexpr, FAST_TRIG: tl.constexpr, IEEE_DOT: tl.constexpr,
+    PART: tl.constexpr,
 ):
+    # PART 0: dK and dV; 1: dV only, 2: dK only -- large head_dims run the two halves as two launches, so
+    # that one program's accumulators (BLOCK_N x head_dim in float32 each) fit in registers.
     pid = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     num_n = tl.cdiv(seqlen_k, BLOCK_N)
@@ -315,15 +321,22 @@ def rope_attn_bwd_dkdv(
             q_lo = (lo // BLOCK_M) * BLOCK_M
             q_hi = hi
     if tl.max(n_ok.to(tl.int32), 0) == 0:  # padding keys only: zero gradient, nothing read
-        _store_zeros(gk_rows, in_seq, HEAD_DIM, BLOCK_D)
-        _store_zeros(gv_rows, in_seq, HEAD_DIM, BLOCK_D)
+        if PART != 1:
+            _store_zeros(gk_rows, in_seq, HEAD_DIM, BLOCK_D)
+        if PART != 2:
+            _store_zeros(gv_rows, in_seq, HEAD_DIM, BLOCK_D)
         return
 
-    if HAS_ROPE:
+    if PART == 1:
+        dk = tl.zeros([16, 16], dtype=tl.float32)  # (unused)
+    elif HAS_ROPE:
         dk = tl.zeros([BLOCK_N, 2 * BLOCK_H], dtype=tl.float32)
     else:
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if PART == 2:
+        dv = tl.zeros([16, 16], dtype=tl.float32)  # (unused)
+    else:
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     k = _load_tile(Kh + offs_c[:, None] * stride_kt, n_ok, HEAD_DIM, BLOCK_D, BLOCK_H, HAS_ROPE)
     od = tl.arange(0, BLOCK_D)
     v = tl.load(Vh + offs_c[:, None] * stride_vt + od[None, :], mask=n_ok[:, None] & (od < HEAD_DIM)[None, :],
@@ -340,8 +353,10 @@ def rope_attn_bwd_dkdv(
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, n_ok, Qh, DOh, Lh, Eh, Mrow, start_m, len_q, qk2,
                 stride_qt, stride_dot, stride_lt, stride_et, stride_mt,
-                HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_H, HAS_ROPE, ZERO_PAD_Q, IEEE_DOT,
+                HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_H, HAS_ROPE, ZERO_PAD_Q, IEEE_DOT, PART,
             )
-    tl.store(gv_rows + od[None, :], dv.to(DV.dtype.element_ty), mask=in_seq[:, None] & (od < HEAD_DIM)[None, :])
-    _store_grad(gk_rows, Ck + offs_c * stride_ct, in_seq, n_ok, dk * sm_scale, FREQ, stride_cd,
-                HEAD_DIM, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, FAST_TRIG)
+    if PART != 2:
+        tl.store(gv_rows + od[None, :], dv.to(DV.dtype.element_ty), mask=in_seq[:, None] & (od < HEAD_DIM)[None, :])
+    if PART != 1:
+        _store_grad(gk_rows, Ck + offs_c * stride_ct, in_seq, n_ok, dk * sm_scale, FREQ, stride_cd,
+                    HEAD_DIM, BLOCK_D, BLOCK_H, HAS_ROPE, INTERLEAVED, FAST_TRIG)

@@ -198,10 +198,12 @@ def _cdiv(a: int, b: int) -> int:
 
 def bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, args: AttnArgs, block_m=None, block_n=None,
                     on_cpu=False):
-    """The backward's launches, for a resolved ``args``: (passes, dQ launch, dK/dV launch). ``passes``:
+    """The backward's launches, for a resolved ``args``: (passes, dQ launch, dK/dV launches). ``passes``:
     with RoPE, the two ``rope_rotate`` launches (kernel, grid, args, flags) that write rotated q and k to
     scratch buffers, which the kernels then read (rotating tiles inside their loops costs ~100 registers
-    per thread); each kernel launch is (args, (constexpr flags, launch options), grid)."""
+    per thread); each kernel launch is (args, (constexpr flags, launch options), grid). Past head_dim 64
+    the dK/dV kernel runs as two launches, dV then dK (its PART flag): one program's two float32
+    accumulators would not fit in registers beside the tiles."""
     hq, hkv = q.shape[-2], k.shape[-2]
     nbatch, seqlen_q, seqlen_k = _sizes(q, k, args)
     strides, (c, f, cu, m, ranges), sc_sm, flags = _shared_args(q, args, seqlen_q, seqlen_k)
@@ -222,8 +224,9 @@ def bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, args: AttnArgs, 
             raise ValueError(f"block sizes must be powers of two >= 16, got ({bm}, {bn})")
     conf_q = (dict(flags, BLOCK_M=cfg_q[0], BLOCK_N=cfg_q[1]),
               {} if on_cpu else dict(num_warps=cfg_q[2], num_stages=cfg_q[3]))
-    conf_k = (dict(flags, BLOCK_M=cfg_k[0], BLOCK_N=cfg_k[1]),
-              {} if on_cpu else dict(num_warps=cfg_k[2], num_stages=cfg_k[3]))
+    parts = (0,) if v.shape[-1] <= 64 and q.dtype != torch.float32 else (1, 2)
+    conf_k = [(dict(flags, BLOCK_M=cfg_k[0], BLOCK_N=cfg_k[1], PART=part),
+               {} if on_cpu else dict(num_warps=cfg_k[2], num_stages=cfg_k[3])) for part in parts]
     common = (seqlen_q, seqlen_k, hq // hkv, float(args.scale))
     dq_args = (
         q, k, v, out, dout, lse, delta, dq, c, f, cu, m, ranges, *common,
@@ -238,7 +241,7 @@ def bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, args: AttnArgs, 
     # dQ programs own BLOCK_M queries and stream keys; dK/dV programs own BLOCK_N keys and stream queries.
     grid_q = (_cdiv(seqlen_q, cfg_q[0]) * nbatch, hq)
     grid_k = (_cdiv(seqlen_k, cfg_k[1]) * nbatch, hkv)
-    return passes, (dq_args, conf_q, grid_q), (dkdv_args, conf_k, grid_k)
+    return passes, (dq_args, conf_q, grid_q), [(dkdv_args, conf, grid_k) for conf in conf_k]
 
 
 def launch_bwd(dout, q, k, v, out, lse, args: AttnArgs, dq=None, dk=None, dv=None, block_m=None, block_n=None):
@@ -255,17 +258,19 @@ def launch_bwd(dout, q, k, v, out, lse, args: AttnArgs, dq=None, dk=None, dv=Non
         return dq.zero_(), dk.zero_(), dv.zero_()
     on_cpu = _on_cpu(q)
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # rowsum(dO * O), from the dQ kernel
-    passes, (dq_args, (dq_flags, dq_opts), grid_q), (dkdv_args, (dkdv_flags, dkdv_opts), grid_k) = bwd_kernel_args(
+    passes, (dq_args, (dq_flags, dq_opts), grid_q), dkdv = bwd_kernel_args(
         dout, q, k, v, out, lse, dq, dk, dv, delta, args, block_m, block_n, on_cpu)
     if on_cpu:
         for kernel, grid, pargs, pflags in passes:
             kernel[grid](*pargs, **pflags)
         rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags)
-        rope_attn_bwd_dkdv[grid_k](*dkdv_args, **dkdv_flags)  # reads the dQ kernel's delta
+        for kargs, (kflags, _), grid_k in dkdv:  # (they read the dQ kernel's delta)
+            rope_attn_bwd_dkdv[grid_k](*kargs, **kflags)
     else:
         with torch.cuda.device(q.device):  # wrap_triton: torch.compile traces the launches (registered op)
             for kernel, grid, pargs, pflags in passes:
                 torch.library.wrap_triton(kernel)[grid](*pargs, **pflags)
             torch.library.wrap_triton(rope_attn_bwd_dq)[grid_q](*dq_args, **dq_flags, **dq_opts)
-            torch.library.wrap_triton(rope_attn_bwd_dkdv)[grid_k](*dkdv_args, **dkdv_flags, **dkdv_opts)
+            for kargs, (kflags, kopts), grid_k in dkdv:
+                torch.library.wrap_triton(rope_attn_bwd_dkdv)[grid_k](*kargs, **kflags, **kopts)
     return dq, dk, dv

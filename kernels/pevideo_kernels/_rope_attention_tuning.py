@@ -145,15 +145,19 @@ FWD_LAUNCH = {name: TunedLaunch(rope_attn_fwd, configs, TUNING_KEY) for name, co
 def bwd_configs(head_dim: int, fp32: bool):
     """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel, the same of the dK/dV kernel) on CUDA.
 
-    Fixed tiles, chosen by the sm_90 build check (kernels/README.md): the score tile has 128 rows on 8
-    warps (two warpgroups of 64 rows: every score and its exp2 held once; dQ programs own BLOCK_M
-    queries, dK/dV programs BLOCK_N keys), no register spills. Larger head_dims (more accumulator
-    registers per row) take 64-row tiles on 4 warps (one warpgroup: still one exp2 per score).
+    Fixed tiles, chosen with the sm_90 build check (kernels/README.md has the table): no register spills
+    (checked with Triton 3.8's and 3.6's ptxas) and, up to head_dim 128, score tiles of 128 rows on 8
+    warps -- two warpgroups of 64 rows -- so that no score is held, or exponentiated, twice (a 64-row
+    tile on 8 warps splits the keys across the warpgroups, and each re-computes the other's
+    probabilities for the next product). dQ programs own BLOCK_M queries, dK/dV programs BLOCK_N keys;
+    past head_dim 64 (and in float32) dK/dV runs as two launches, dV then dK (``bwd_kernel_args``).
+    head_dim 256 trades that for fewer spills: 64-row dQ tiles (exp2 twice per score), and its dK half
+    still spills 8 registers.
     """
-    if fp32:
+    if fp32:  # full-precision dots (no tensor cores): small tiles
         return (64, 32, 8, 2), (32, 64, 8, 2)
     if head_dim <= 64:
-        return (128, 64, 8, 2), (64, 128, 8, 2)
+        return (128, 64, 8, 2), (32, 128, 8, 2)
     if head_dim <= 128:
-        return (64, 32, 4, 2), (32, 64, 4, 2)
-    return (64, 16, 4, 2), (16, 64, 4, 2)
+        return (128, 32, 8, 2), (32, 128, 8, 2)
+    return (64, 16, 8, 2), (16, 128, 8, 2)
