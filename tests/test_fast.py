@@ -121,15 +121,18 @@ def test_kernel_error_falls_back(large80, monkeypatch):
 
 @needs_kernels
 def test_wrong_kernel_output_is_caught(monkeypatch):
-    """A kernel that runs but computes garbage is checked against the reference on first use and switched off."""
+    """A kernel that runs but computes garbage is checked against the reference on first use and switched
+    off; the check's reference output is the op's output (the reference runs once per call, not twice)."""
     eager, fast = _pair("large80", seed=3)
-    real = PATCHIFY.fused
+    real, real_ref, ref_calls = PATCHIFY.fused, PATCHIFY.ref, []
     monkeypatch.setattr(PATCHIFY, "fused", lambda *a, **k: real(*a, **k) * 1.5)
+    monkeypatch.setattr(PATCHIFY, "ref", lambda *a, **k: (ref_calls.append(1), real_ref(*a, **k))[1])
     pixels, mask = video_inputs(eager.config, [2, 2])
     with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="patchify.*disagreed"):
         with torch.no_grad():
             b = fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
             c = fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))  # stays off, no new warning
+    assert len(ref_calls) == 2, ref_calls  # one per call (the first one's for the check, and returned)
     assert "disagreed" in pevideo.kernel_report(fast)["patchify"]
     with torch.no_grad():
         a = eager.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))

@@ -257,3 +257,41 @@ def test_autograd_keeps_the_resolved_record(seed, monkeypatch):
     x = qkv.detach().clone().requires_grad_()
     rope_attention_ref(*x.unbind(1), **kw).backward(torch.ones_like(out))
     torch.testing.assert_close(qkv.grad, x.grad, atol=5e-5, rtol=5e-5)
+
+
+# the layers of the op (issue 22): every import at the top and downward, _rope_attention_launch
+# imported in one place
+_LAYERS = {  # module -> the package modules it may import
+    "rope_attention": {"_choose", "_rope_attention_args", "_triton", "_rope_attention_autograd"},
+    "rope_attention_bwd": {"_rope_attention_args", "_triton", "rope_attention"},
+    "_rope_attention_args": set(),
+    "_rope_attention_autograd": {"_rope_attention_args", "_rope_attention_launch", "_triton"},
+    "_rope_attention_launch": {"_rope_attention_args", "_rope_attention_bwd_triton", "_rope_attention_triton",
+                               "_rope_attention_tuning", "_triton"},
+    "_rope_attention_tuning": {"_rope_attention_triton"},
+    "_rope_attention_bwd_triton": {"_rope_attention_triton"},
+    "_rope_attention_triton": set(),
+}
+
+
+def test_module_layers():
+    import ast
+    import os
+
+    import pevideo_kernels
+
+    root = os.path.dirname(pevideo_kernels.__file__)
+    importers = {}
+    for name, allowed in _LAYERS.items():
+        tree = ast.parse(open(os.path.join(root, f"{name}.py")).read())
+        first_def = min(n.lineno for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
+        seen = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                mods = [node.module] if node.module else [a.name for a in node.names]
+                assert node.lineno < first_def, f"{name}.py imports {mods} below its first definition"
+                seen.update(m.split(".")[0] for m in mods)
+        assert seen <= allowed, f"{name}.py imports {sorted(seen - allowed)}"
+        for m in seen:
+            importers.setdefault(m, set()).add(name)
+    assert importers["_rope_attention_launch"] == {"_rope_attention_autograd"}

@@ -255,6 +255,8 @@ def bind(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttnArgs, qkv=
         if a.coords is not None and tuple(a.coords.shape) != (q.shape[0], 3):
             raise ValueError(f"packed coords must have shape ({q.shape[0]}, 3), got {tuple(a.coords.shape)}")
         _same_device("cu_seqlens", a.cu_seqlens, q)
+        if a.max_seqlen is None:
+            raise ValueError("packed options need max_seqlen: build them with attn_args(), which computes it")
         seqlen_q = a.max_seqlen
     else:
         if q.dim() != 4:
