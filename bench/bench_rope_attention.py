@@ -26,12 +26,8 @@ same rounded inputs. Floors measured in the same run: FLOPs / (bf16 GEMM rate) a
     python bench/bench_rope_attention.py --out auto           # also write bench/results/<gpu>-rope_attention.json
     python bench/bench_rope_attention.py --backward           # forward + backward (training), see below
 
---backward: forward + backward per provider (pevideo's fused backward; PyTorch RoPE + SDPA autograd;
-RoPE + FlexAttention, compiled), on the same shapes: milliseconds, useful TFLOP/s with the backward
-counted as 2.5x the forward's FLOPs, the best other provider's time over pevideo's (goal >= 1.2x on an
-H100 in bf16), the largest gradient error against float32 autograd through the reference, the bytes
-autograd saves for the backward (saved_tensors_hooks) and the CUDA peak memory of one step; then the
-bytes saved by one training step of a small video tower, fast=True against fast=False.
+--backward: forward + backward per provider (bench_rope_attention_backward.py): time, TFLOP/s, gradient
+error, memory saved for the backward and peak memory.
 
 Without CUDA there is nothing to time: the script says so and exits 0 (``--smoke`` instead checks the
 providers' plumbing and correctness on tiny CPU shapes, under Triton's interpreter for pevideo).
@@ -109,8 +105,9 @@ def measure_floors(quick: bool) -> dict:
 class Case:
     """Inputs in the layout rope_attention takes, plus what the other providers need."""
 
-    def __init__(self, name, q, k, v, kw, lens, packed, desc):
+    def __init__(self, name, q, k, v, kw, lens, packed, desc, qkv=None):
         self.name, self.q, self.k, self.v, self.kw = name, q, k, v, kw
+        self.qkv = qkv  # the packed tensor q, k, v are unbind(1) views of (frames), else None
         self.lens = list(lens)  # real tokens per sequence
         self.packed = packed
         self.desc = desc
@@ -159,7 +156,7 @@ def case_frames(n_frames, device, dtype, grid=24, heads=16, head_dim=64):
     kw = dict(coords=coords.repeat(n_frames, 1), freqs=freqs, rope_layout="interleaved",
               cu_seqlens=_cu([per] * n_frames, device), max_seqlen=per)
     return Case(f"frames{n_frames}", q, k, v, kw, [per] * n_frames, True,
-                f"{n_frames} frames x {per} tokens, {heads} heads, d={head_dim}, packed, 2D RoPE")
+                f"{n_frames} frames x {per} tokens, {heads} heads, d={head_dim}, packed, 2D RoPE", qkv)
 
 
 def case_temporal(device, dtype, clips=64, max_len=17, heads=14, head_dim=128):
@@ -246,88 +243,19 @@ def prov_torch_comp(c: Case):
     return lambda: fn(c.q, c.k, c.v)
 
 
-def prov_flex(c: Case, compile_kw=None):
-    """RoPE (compiled) + FlexAttention (compiled); ``compile_kw`` goes to both torch.compile calls."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _sibling(filename: str):
+    """A module of this file's folder, loaded by path (bench/ is no package; works under PYTHONSAFEPATH)."""
+    import importlib.util
 
-    from pevideo_kernels import apply_rope_ref
-
-    coords, freqs, layout = c.kw["coords"], c.kw["freqs"], c.kw["rope_layout"]
-    kw = {"dynamic": False, **(compile_kw or {})}
-    rope = torch.compile(lambda x: apply_rope_ref(x, coords, freqs, layout), **kw)
-    flex = torch.compile(flex_attention, **kw)
-    dev = c.q.device
-    if c.packed and all(n == c.lens[0] for n in c.lens):  # equal segments (frames): a plain batch, no mask
-        nseg, n = len(c.lens), c.lens[0]
-
-        def run(q=c.q, k=c.k, v=c.v):  # (--backward calls it on its own leaves)
-            q, k = rope(q), rope(k)
-            q, k, v = (x.unflatten(0, (nseg, n)).transpose(1, 2) for x in (q, k, v))
-            return flex(q, k, v).transpose(1, 2).flatten(0, 1)
-    elif c.packed:  # one long sequence, attention within documents (the mask is built densely: small T only)
-        total = c.q.shape[0]
-        doc = torch.repeat_interleave(torch.arange(len(c.lens), device=dev), torch.tensor(c.lens, device=dev))
-
-        def mask_mod(b, h, qi, ki):
-            return doc[qi] == doc[ki]
-
-        block_mask = create_block_mask(mask_mod, 1, None, total, total, device=dev)
-
-        def run(q=c.q, k=c.k, v=c.v):
-            q, k = rope(q), rope(k)
-            q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
-            return flex(q, k, v, block_mask=block_mask)[0].transpose(0, 1)
-    else:
-        b, length = c.mask.shape
-        key_ok = c.mask
-
-        def mask_mod(bi, h, qi, ki):
-            return key_ok[bi, ki]
-
-        block_mask = create_block_mask(mask_mod, b, None, length, length, device=dev)
-
-        def run(q=c.q, k=c.k, v=c.v):
-            q, k = rope(q), rope(k)
-            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-            return flex(q, k, v, block_mask=block_mask).transpose(1, 2)
-    return run
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
+    spec = importlib.util.spec_from_file_location(filename[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def prov_flash_attn(c: Case):
-    from flash_attn import flash_attn_varlen_func
-    from flash_attn.layers.rotary import apply_rotary_emb
-
-    coords, freqs = c.kw["coords"], c.kw["freqs"]
-    interleaved = c.kw["rope_layout"] == "interleaved"
-    lmax = max(c.lens)
-    # flash-attn's rotary takes cos/sin per position within a sequence: every sequence here has the
-    # same coordinates at the same position, so the first sequence's table serves all.
-    pos_coords = coords[:lmax] if c.packed else coords[0, :lmax]
-    ang = (pos_coords.float()[:, :, None] * freqs[None]).sum(1)  # (lmax, D/2)
-    cos, sin = ang.cos(), ang.sin()
-    dev = c.q.device
-    cu = _cu(c.lens, dev)
-    if c.packed:
-        q, k, v = c.q, c.k, c.v
-    else:  # flash-attn is varlen-only here: the padded inputs are packed once, outside the timing
-        q, k, v = c.q[c.mask], c.k[c.mask], c.v[c.mask]
-    try:
-        apply_rotary_emb(q[:1].unsqueeze(0), cos[:1], sin[:1], interleaved=interleaved)
-    except Exception:  # noqa: BLE001  (older versions want cos/sin in x's dtype)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-
-    def run():
-        qr = apply_rotary_emb(q, cos, sin, interleaved=interleaved, cu_seqlens=cu, max_seqlen=lmax)
-        kr = apply_rotary_emb(k, cos, sin, interleaved=interleaved, cu_seqlens=cu, max_seqlen=lmax)
-        return flash_attn_varlen_func(qr, kr, v, cu, cu, lmax, lmax)
-
-    def real(out):
-        return out
-
-    run.real = real  # already packed real tokens
-    return run
-
-
+_others = _sibling("rope_attention_providers.py")  # FlexAttention and flash-attn, the compiled competitors
+prov_flex, prov_flash_attn = _others.prov_flex, _others.prov_flash_attn
 PROVIDERS = {
     "pevideo": prov_pevideo,
     "torch": prov_torch,
@@ -421,180 +349,39 @@ def print_case(res):
 
 
 # --------------------------------------------------------------------------------------------------
-# --backward: forward + backward (training)
+# --backward (bench_rope_attention_backward.py), bound to this module
 # --------------------------------------------------------------------------------------------------
-BWD_FLOP_FACTOR = 2.5  # the backward's FLOPs, counted as 2.5x the forward's (FlashAttention-2's convention)
 BWD_PROVIDERS = ("pevideo", "torch", "flex")
-GOAL_BWD_SPEEDUP = 1.2  # over the best other provider, forward + backward, H100 bf16
+_BWD = []
+
+
+class _ThisModule:
+    """This module's names as attributes (it may be loaded without a sys.modules entry)."""
+
+    def __getattr__(self, name):
+        return globals()[name]
+
+
+def _backward():
+    if not _BWD:
+        _BWD.append(_sibling("bench_rope_attention_backward.py"))
+    return _BWD[0]
 
 
 def _bwd_forward(c: Case, name: str):
-    """The provider's forward as a function of (q, k, v)."""
-    if name == "pevideo":
-        from pevideo_kernels import rope_attention
-
-        return lambda q, k, v: rope_attention(q, k, v, **c.kw)
-    if name == "torch":
-        return _torch_fn(c)
-    if name == "flex":
-        return prov_flex(c)
-    raise ValueError(f"no backward for provider {name!r}")
-
-
-def _bwd_leaves(c: Case):
-    """Fresh leaves and how to get (q, k, v) from them: packed frames differentiate the one qkv tensor
-    their q, k, v are views of (as the model does), the rest q, k and v."""
-    base = c.q._base
-    if base is not None and c.k._base is base and c.v._base is base and base.dim() == c.q.dim() + 1:
-        x = base.detach().clone().requires_grad_()
-        return (x,), lambda x: x.unbind(1)
-    return tuple(t.detach().clone().requires_grad_() for t in (c.q, c.k, c.v)), lambda *t: t
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs (its activation memory):
-    torch.autograd.graph.saved_tensors_hooks, exact and the same on CPU and GPU."""
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    return _backward()._bwd_forward(c, name, _ThisModule())
 
 
 def run_case_backward(c: Case, providers, quick, time_it=True):
-    """Forward + backward per provider: gradient error against float32 autograd through the reference,
-    bytes saved for the backward, CUDA peak memory of one step, time and useful TFLOP/s. ``providers``:
-    names in BWD_PROVIDERS, or a mapping name -> factory(c) returning the forward as a function of (q, k, v)."""
-    from pevideo_kernels import rope_attention_ref
-
-    flops = c.flops * (1 + BWD_FLOP_FACTOR)
-    res = {"case": c.name, "desc": c.desc + " (forward + backward)", "flops": flops, "bytes": c.bytes,
-           "providers": {}}
-    g = torch.randn(*c.q.shape[:-1], c.v.shape[-1], device=c.q.device, dtype=c.q.dtype,
-                    generator=torch.Generator(c.q.device).manual_seed(0))
-    ref_leaves, split = _bwd_leaves(c)
-    ref_leaves = tuple(x.detach().float().requires_grad_() for x in ref_leaves)
-    rope_attention_ref(*split(*ref_leaves), **c.kw).backward(g.float())
-    ref_grads = [x.grad for x in ref_leaves]
-    fns = {}
-    for name in providers:
-        entry = {}
-        try:
-            fwd = providers[name](c) if isinstance(providers, dict) else _bwd_forward(c, name)
-            leaves, split = _bwd_leaves(c)
-
-            def step(fwd=fwd, leaves=leaves, split=split):
-                for x in leaves:
-                    x.grad = None
-                fwd(*split(*leaves)).backward(g)
-
-            entry["saved_mb"] = saved_bytes(lambda: fwd(*split(*leaves))) / 1e6
-            if c.q.is_cuda:
-                step()  # compile / autotune first
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                entry["peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 1e6
-            else:
-                step()
-            err = max((x.grad.float() - r).abs().max().item() for x, r in zip(leaves, ref_grads))
-            entry["grad_err_max"] = err
-            entry["status"] = "ok"
-            fns[name] = step
-        except Exception as exc:  # noqa: BLE001  (one provider failing must not end the run)
-            entry["status"] = _failure(exc)
-        res["providers"][name] = entry
-    if time_it and fns:
-        from pevideo.benchtools import time_interleaved
-
-        timings = time_interleaved(fns, warmup=1, repeats=3 if quick else 7, min_repeats=3, sampler=sampler(quick))
-        for name, t in timings.items():
-            ms = 1e3 * t.median_s
-            res["providers"][name].update(ms=ms, ms_min=1e3 * t.min_s, ms_max=1e3 * t.max_s,
-                                          tflops=flops / (ms * 1e-3) / 1e12)
-        others = [e["ms"] for n, e in res["providers"].items() if n != "pevideo" and "ms" in e]
-        pv = res["providers"].get("pevideo", {})
-        if others and "ms" in pv:
-            res["speedup_vs_best_other"] = min(others) / pv["ms"]
-    return res
+    return _backward().run_case_backward(c, providers, quick, _ThisModule(), time_it)
 
 
 def print_case_backward(res):
-    print(f"\n== {res['case']}: {res['desc']}")
-    print(f"   {res['flops'] / 1e9:.1f} GFLOP useful (backward counted as {BWD_FLOP_FACTOR}x the forward)")
-    print(f"   {'provider':<9} {'ms':>9} {'TFLOP/s':>8} {'saved MB':>9} {'peak MB':>8} {'grad err':>9}  status")
-    for name, e in res["providers"].items():
-        def f(key, width, fmt):
-            return (format(e[key], fmt) if key in e else "-").rjust(width)
-        print(f"   {name:<9} {f('ms', 9, '.3f')} {f('tflops', 8, '.1f')} {f('saved_mb', 9, '.2f')} "
-              f"{f('peak_mb', 8, '.1f')} {f('grad_err_max', 9, '.2e')}  {e['status']}")
-    if "speedup_vs_best_other" in res:
-        print(f"   pevideo vs best other: {res['speedup_vs_best_other']:.2f}x (goal {GOAL_BWD_SPEEDUP}x)")
+    return _backward().print_case_backward(res)
 
 
 def tower_step_memory(device: str = "cpu", frames: int = 3) -> dict:
-    """Bytes autograd saves in one training step of a small PE video tower (2 blocks, 8x8 patches per
-    frame), fast=True against fast=False: {"fast_mb", "eager_mb", "attention_fast_mb", "attention_eager_mb"}.
-    The attention figures count only what the attention ops save."""
-    from transformers import PeVideoConfig
-
-    import pevideo
-    import pevideo.dispatch as dispatch
-
-    text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, vocab_size=97,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
-    vision = dict(architecture="vit_pe_core_tiny_patch16_384", num_labels=32,
-                  model_args=dict(embed_dim=64, depth=2, num_heads=2, img_size=128))
-    cfg = PeVideoConfig(text_config=text, video_config=dict(
-        vision_config=vision, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        head_dim=12))
-    torch.manual_seed(0)
-    pixels = torch.randn(2, frames, 3, 128, 128, device=device)
-    mask = torch.tensor([[True] * frames, [True] + [False] * (frames - 1)], device=device)
-    out = {}
-    real = dispatch.Ops.attention
-    for fast in (True, False):
-        model = pevideo.PeVideoModel(cfg, fast=fast).to(device)
-        seen, in_attention = {}, {}  # storage -> bytes; storage -> saved inside an attention op
-        state = {"attention": False}
-
-        def pack(t):
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-            if state["attention"]:
-                in_attention[st.data_ptr()] = st.nbytes()
-            return t
-
-        def counting(self, *a, **kw):
-            state["attention"] = True
-            try:
-                return real(self, *a, **kw)
-            finally:
-                state["attention"] = False
-
-        dispatch.Ops.attention = counting
-        try:
-            import warnings
-
-            with warnings.catch_warnings(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                warnings.simplefilter("ignore")
-                model.get_video_features(pixels, mask).pooler_output.sum()
-        finally:
-            dispatch.Ops.attention = real
-        total = sum(seen.values())
-        attn = in_attention
-        key = "fast" if fast else "eager"
-        out[f"{key}_mb"] = total / 1e6
-        out[f"attention_{key}_mb"] = sum(attn.values()) / 1e6
-        out[f"{key}_report"] = pevideo.kernel_report(model)
-    return out
+    return _backward().tower_step_memory(device, frames)
 
 
 def build_cases(quick, device, dtype, smoke=False):
@@ -623,7 +410,7 @@ def main(argv=None):
                         "time, TFLOP/s, memory saved for the backward and peak memory")
     args = p.parse_args(argv)
     if args.backward:
-        return main_backward(args)
+        return _backward().main_backward(args, _ThisModule())
     providers = [x for x in (args.providers or ",".join(PROVIDERS)).split(",") if x]
     unknown = set(providers) - set(PROVIDERS)
     if unknown:
@@ -685,54 +472,6 @@ def main(argv=None):
     return 0
 
 
-def main_backward(args) -> int:
-    providers = [x for x in (args.providers or ",".join(BWD_PROVIDERS)).split(",") if x]
-    unknown = set(providers) - set(BWD_PROVIDERS)
-    if unknown:
-        print(f"bench_rope_attention --backward: unknown providers {sorted(unknown)}; choose from {list(BWD_PROVIDERS)}")
-        return 2
-    if not torch.cuda.is_available():
-        if not args.smoke:
-            print("bench_rope_attention --backward: no CUDA device here; nothing to time (pass --smoke for a CPU "
-                  "check of the gradients and the memory saved for the backward).")
-            return 0
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before pevideo_kernels is imported
-        ok = True
-        for c in build_cases(True, "cpu", torch.float32, smoke=True):
-            res = run_case_backward(c, providers if args.providers else ["pevideo", "torch"], True, time_it=False)
-            print_case_backward(res)
-            ok &= all((e["status"] == "ok" and e["grad_err_max"] < 1e-4) or e["status"].startswith("unavailable")
-                      for e in res["providers"].values())
-        mem = tower_step_memory("cpu")
-        print(f"\ntower training step (CPU, interpreter), bytes saved for the backward: fast {mem['fast_mb']:.2f} MB, "
-              f"eager {mem['eager_mb']:.2f} MB; attention ops alone: fast {mem['attention_fast_mb']:.2f} MB, "
-              f"eager {mem['attention_eager_mb']:.2f} MB")
-        print("\nsmoke:", "ok" if ok else "FAILED")
-        return 0 if ok else 1
-
-    info = machine_info()
-    print("machine:", json.dumps(info))
-    cases = build_cases(args.quick, "cuda", torch.bfloat16)
-    if args.cases:
-        keep = set(args.cases.split(","))
-        cases = [c for c in cases if c.name in keep]
-    results = []
-    for c in cases:
-        res = run_case_backward(c, providers, args.quick)
-        print_case_backward(res)
-        results.append(res)
-        torch.cuda.empty_cache()
-    mem = tower_step_memory("cuda", frames=8)
-    print(f"\ntower training step, bytes saved for the backward: fast {mem['fast_mb']:.1f} MB, eager {mem['eager_mb']:.1f} MB")
-    if args.out:
-        from pevideo.benchtools import machine_slug, write_json
-
-        path = args.out
-        if path == "auto":
-            path = os.path.join("bench", "results", f"{machine_slug(info)}-rope_attention_backward.json")
-        print("wrote", write_json(path, {"machine": info, "quick": args.quick, "results": results, "tower": mem}))
-    return 0
-
-
 if __name__ == "__main__":
     sys.exit(main())
+

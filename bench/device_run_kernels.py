@@ -33,10 +33,11 @@ def bra():
 # --------------------------------------------------------------------------------------------------
 def rope_k():
     """(modes, force, default): the ROPE_K candidates, a context manager forcing one for the launches
-    inside it, and the kernels' default mode."""
-    from pevideo_kernels import _rope_attention_launch as launch
+    inside it (a call's own ``rope_k=`` argument also forces it), and the frame shape's default mode (the
+    default is per shape: ``pevideo_kernels.default_rope_k(seqlen)``; the temporal shape's is "loop")."""
+    from pevideo_kernels import ROPE_K_MODES, default_rope_k, rope_k_mode
 
-    return tuple(launch.ROPE_K_MODES), launch.rope_k_mode, launch.DEFAULT_ROPE_K
+    return tuple(ROPE_K_MODES), rope_k_mode, default_rope_k(577)
 
 
 def forced(mode: str, fn):
@@ -54,10 +55,10 @@ def autotune_choices() -> dict:
     """The config each autotuned rope_attention kernel picked, per tuning key (what to trim the
     candidate sets to)."""
     try:
-        from pevideo_kernels import _rope_attention_triton as T
+        from pevideo_kernels import _rope_attention_tuning as T
 
-        return {name: {str(key): str(cfg) for key, cfg in getattr(tuner, "cache", {}).items()}
-                for name, tuner in T._TUNED.items()}
+        return {name: {str(key): str(cfg) for key, cfg in launch.chosen.items()}
+                for name, launch in T.FWD_LAUNCH.items() if launch.chosen}
     except Exception as exc:  # noqa: BLE001  (a private detail: report, never fail on it)
         return {"error": f"{type(exc).__name__}: {exc}"}
 

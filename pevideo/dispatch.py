@@ -9,6 +9,12 @@ has a fused backward: with inputs requiring grad (training) it runs the kernel w
 patchify (forward-only; its uint8 input never needs grad) and attention whose coords/freqs require grad
 fall back then. ``pevideo.kernel_report(model)`` reads the
 record of the last forward.
+
+Attention takes its options as one :class:`pevideo_kernels.AttnArgs` (``pevideo_kernels.attn_args``),
+which the model builds once per batch and every layer reuses: per call only q, k, v are checked
+(metadata, no host sync), so a frame-encoder step can run under CUDA-graph capture. Each op's first
+fused output (per dtype and device) is checked against its reference, which reads results on the
+host: run one batch before capturing (capturing an unchecked op raises).
 """
 from __future__ import annotations
 
@@ -16,12 +22,22 @@ import warnings
 
 import torch
 
-from pevideo_kernels import PATCHIFY, ROPE_ATTENTION, KernelOp, kernel_reason, patchify_normalize
+from pevideo_kernels import (
+    PATCHIFY,
+    ROPE_ATTENTION,
+    ROPE_ATTENTION_QKVPACKED,
+    AttnArgs,
+    KernelOp,
+    attn_args,
+    patchify_normalize,
+    resolve,
+)
 
 from .normalization import Normalization
 
-# patchify_normalize: for the processor's clip -> patch rows path (outside a model, so no Ops record).
-__all__ = ["Ops", "FUSED", "PeVideoKernelFallbackWarning", "patchify_normalize"]
+# patchify_normalize: for the processor's clip -> patch rows path (outside a model, so no Ops record);
+# attn_args / AttnArgs: the attention options the model builds once per batch.
+__all__ = ["Ops", "FUSED", "PeVideoKernelFallbackWarning", "patchify_normalize", "attn_args", "AttnArgs"]
 
 FUSED = "fused"
 _NO_NORM = Normalization(mean=None, std=None, rescale=1 / 255)  # the kernel's own default for uint8
@@ -88,20 +104,29 @@ class Ops:
             self.report[op] = EAGER
             return kop.ref(*args, **kwargs)
         try:
-            reason = kernel_reason(kop, *args, **kwargs)  # the same choice as the public function makes
+            call, reason = resolve(kop, *args, **kwargs)  # the same choice as the public function makes
         except ValueError as exc:  # a shape/dtype the kernel doesn't take: the reference still does
             reason = f"unsupported by the kernel ({exc})"
         if reason is None:
             try:
-                out = kop.fused(*args, **kwargs)
+                out = kop.fused(call)
             except Exception as exc:  # a kernel that fails to compile or launch must not sink the model
                 msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 reason = f"the kernel failed ({type(exc).__name__}: {msg})"
             else:
                 key = (op, out.dtype, out.device.type)
                 if self.verify and key not in self._checked:
+                    if out.is_cuda and torch.cuda.is_current_stream_capturing():
+                        raise RuntimeError(
+                            f"pevideo fast=True: {op}'s kernel has not been checked against its reference yet, "
+                            "which needs the host; run one batch before capturing a CUDA graph")
                     with torch.no_grad():  # (a check, not part of the graph)
-                        self._checked[key] = _disagreement(out.detach(), kop.ref(*args, **kwargs))
+                        ref = kop.ref(*args, **kwargs)
+                    self._checked[key] = _disagreement(out.detach(), ref)
+                    if self._checked[key] is not None:
+                        self._fallback(op, self._checked[key])
+                        # the check's reference is the output, unless autograd needs its graph
+                        return kop.ref(*args, **kwargs) if out.requires_grad else ref
                 reason = self._checked.get(key)
                 if reason is None:
                     self.report[op] = FUSED
@@ -110,28 +135,14 @@ class Ops:
         return kop.ref(*args, **kwargs)
 
     # -- ops ---------------------------------------------------------------------------------------
-    def attention(
-        self,
-        op: str,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        coords: torch.Tensor | None = None,
-        freqs: torch.Tensor | None = None,
-        rope_layout: str = "interleaved",
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        scale: float | None = None,
-        skip_padded_queries: bool = False,
-    ) -> torch.Tensor:
-        """:func:`pevideo_kernels.rope_attention` (same arguments), recorded under ``op``."""
-        return self._run(
-            op, ROPE_ATTENTION, q, k, v, coords=coords, freqs=freqs, rope_layout=rope_layout,
-            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, scale=scale,
-            skip_padded_queries=skip_padded_queries,
-        )
+    def attention(self, op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: AttnArgs) -> torch.Tensor:
+        """:func:`pevideo_kernels.rope_attention` on q, k, v with the options ``args``, recorded under ``op``."""
+        return self._run(op, ROPE_ATTENTION, q, k, v, args)
+
+    def attention_qkvpacked(self, op: str, qkv: torch.Tensor, args: AttnArgs) -> torch.Tensor:
+        """:func:`pevideo_kernels.rope_attention_qkvpacked` (q, k, v = ``qkv.unbind(-3)``; with autograd
+        their gradient is one qkv-shaped buffer), recorded under ``op``."""
+        return self._run(op, ROPE_ATTENTION_QKVPACKED, qkv, args)
 
     def patchify(
         self,

@@ -54,24 +54,29 @@ def resolve_normalization(normalization, image_mean, image_std, rescale_factor) 
 
 
 def check_mask(m, b: int, t: int, device):
-    """Validate ``padding_mask_videos``; return (bool mask on ``device`` or None, flat real-frame indices or None)."""
+    """Validate ``padding_mask_videos``; return (bool mask on ``device`` or None, flat real-frame indices on
+    ``device`` or None).
+
+    Checked once per batch on the host-side mask (as the processor returns it; a mask on the GPU is
+    copied to the host once), so the model's launches that follow make no host sync."""
     if m is None:
         return None, None
     if not isinstance(m, torch.Tensor):
         raise TypeError(f"padding_mask_videos must be a tensor, got {type(m).__name__}")
     if tuple(m.shape) != (b, t):
         raise ValueError(f"padding_mask_videos must have shape (batch, frames) = {(b, t)}, got {tuple(m.shape)}")
-    if m.dtype != torch.bool:
-        if m.is_floating_point() or m.is_complex():
-            raise ValueError(f"padding_mask_videos must be bool or integer 0/1, got {m.dtype}")
-        if ((m != 0) & (m != 1)).any():
+    if m.dtype != torch.bool and (m.is_floating_point() or m.is_complex()):
+        raise ValueError(f"padding_mask_videos must be bool or integer 0/1, got {m.dtype}")
+    host = m.cpu()  # (a no-op for a CPU mask)
+    if host.dtype != torch.bool:
+        if ((host != 0) & (host != 1)).any():
             raise ValueError("padding_mask_videos must hold only 0 (padding) and 1 (real frame)")
-        m = m != 0
-    m = m.to(device)
-    empty = (~m.any(dim=1)).nonzero().flatten().tolist()
+        host = host != 0
+    empty = (~host.any(dim=1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"clip(s) {empty} of the batch have no real frame (padding_mask_videos is all 0 there)")
-    return m, m.flatten().nonzero().flatten()
+    real = host.flatten().nonzero().flatten()
+    return host.to(device), real.to(device)
 
 
 def check_text(input_ids, attention_mask, vocab_size: int) -> None:

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.pe_video.modeling_pe_video import PeVideoOutput
 
 from .config import vit_args
-from .dispatch import Ops
+from .dispatch import AttnArgs, Ops, attn_args
 from .dropin import OutputOptions, attention_probs, check_forward_kwargs, text_tower_kwargs
 from .inputs_check import check_mask, check_pixels, check_text, check_uint8_videos, resolve_normalization
 from .loading import PretrainedMixin
@@ -55,16 +55,14 @@ class EncoderAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self._ops = ops
 
-    def forward(self, x, rope, mask, probs: list | None = None):
+    def forward(self, x, attn: AttnArgs, probs: list | None = None):
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         if probs is not None:  # output_attentions: computed apart, the op itself never forms them
-            probs.append(attention_probs(q, k, rope[0], rope[1], mask))
-        out = self._ops.attention(
-            "temporal_attention", q, k, v, coords=rope[0], freqs=rope[1], key_padding_mask=mask
-        )
+            probs.append(attention_probs(q, k, attn.coords, attn.freqs, attn.key_padding_mask))
+        out = self._ops.attention("temporal_attention", q, k, v, attn)
         return self.o_proj(out.view(b, s, -1))
 
 
@@ -88,8 +86,8 @@ class EncoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, rope, mask, probs: list | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, probs)
+    def forward(self, x, attn: AttnArgs, probs: list | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), attn, probs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -229,11 +227,12 @@ class PeVideoEncoder(PretrainedMixin, nn.Module):
         if mask is not None:
             mask = mask.to(x.device)
         x, mask = self.patch_embedder(x, mask)
-        rope = self._temporal_rope(b, x.shape[1], x.device)
+        coords, freqs = self._temporal_rope(b, x.shape[1], x.device)
+        attn = attn_args(coords=coords, freqs=freqs, key_padding_mask=mask)  # once for all layers
         opts = opts or OutputOptions(self.config, len(self.layers))
         for layer in self.layers:
             opts.layer_input(x)
-            x = layer(x, rope, mask, opts.attentions)
+            x = layer(x, attn, opts.attentions)
         x = self.output(self.norm(x))
         lhs = x[:, 1:]
         out = opts.finish(BaseModelOutputWithPooling(last_hidden_state=lhs, pooler_output=x[:, 0]), lhs)

@@ -1,7 +1,9 @@
 """PE-Core ViT frame encoder in plain PyTorch, parameter-compatible with timm's ``vit_pe_core_*``.
 
 Frames from all clips arrive packed as one batch; attention goes through the dispatch seam, which
-applies the 2D RoPE inside the attention op (fused kernel or reference).
+applies the 2D RoPE inside the attention op (fused kernel or reference). The attention options (RoPE
+coordinates, frame boundaries) are one record per frame count, built and checked once on the host:
+a step of the frame encoder makes no host sync.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import VitArgs
-from .dispatch import Ops
+from .dispatch import AttnArgs, Ops, attn_args
 from .normalization import Normalization
 from .rope import pe_core_rope_2d
 
@@ -44,16 +46,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(a.embed_dim, a.embed_dim)
         self._ops = ops
 
-    def attend(self, qkv: torch.Tensor, rope: dict) -> torch.Tensor:
-        """Attention over packed frames, from the qkv projection (n, L, 3·D) to (n, L, D) before ``proj``."""
+    def attend(self, qkv: torch.Tensor, attn: AttnArgs) -> torch.Tensor:
+        """Attention over packed frames, from the qkv projection (n, L, 3·D) to (n, L, D) before ``proj``;
+        ``attn``: the frames' attention options (``PeCoreViT.attn_args``)."""
         n, L, _ = qkv.shape
-        # q, k, v stay strided views of the one qkv output: the attention op reads them in place.
+        # One packed qkv tensor: the op reads q, k, v in place, and its gradient is one qkv-shaped buffer.
         qkv = qkv.view(n * L, 3, self.num_heads, self.head_dim)
-        out = self._ops.attention(
-            "frame_attention", qkv[:, 0], qkv[:, 1], qkv[:, 2],
-            coords=rope["coords"], freqs=rope["freqs"], cu_seqlens=rope["cu_seqlens"], max_seqlen=L,
-        )
-        return out.view(n, L, -1)
+        return self._ops.attention_qkvpacked("frame_attention", qkv, attn).view(n, L, -1)
 
 
 # A block's work outside attention, as plain functions of tensors: eager they are exactly the modules'
@@ -86,13 +85,16 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(a.embed_dim, eps=a.norm_eps)
         self.mlp = Mlp(a.embed_dim, a.mlp_hidden)
 
-    def forward(self, x, rope, fns=EAGER_BLOCK_FNS):
+    def forward(self, x, attn_options: AttnArgs, fns=EAGER_BLOCK_FNS):
         pre, post = fns
         n1, attn, n2, mlp = self.norm1, self.attn, self.norm2, self.mlp
         qkv = pre(x, n1.weight, n1.bias, attn.qkv.weight, attn.qkv.bias, n1.eps)
-        out = attn.attend(qkv, rope)
+        out = attn.attend(qkv, attn_options)
         return post(x, out, attn.proj.weight, attn.proj.bias, n2.weight, n2.bias,
                     mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, n2.eps)
+
+
+_NO_OPTIONS = AttnArgs()  # plain attention: no RoPE, no mask, default scale
 
 
 class AttentionPoolLatent(nn.Module):
@@ -115,7 +117,7 @@ class AttentionPoolLatent(nn.Module):
         n, L, d = x.shape
         q = self.q(self.latent).view(1, 1, self.num_heads, self.head_dim).expand(n, 1, self.num_heads, self.head_dim)
         kv = self.kv(x).view(n, L, 2, self.num_heads, self.head_dim)
-        out = self._ops.attention("pool_attention", q, kv[:, :, 0], kv[:, :, 1])
+        out = self._ops.attention("pool_attention", q, kv[:, :, 0], kv[:, :, 1], _NO_OPTIONS)
         x = self.proj(out.view(n, 1, d))
         x = x + self.mlp(self.norm(x))
         return x[:, 0]
@@ -142,7 +144,7 @@ class PeCoreViT(nn.Module):
         self.norm = nn.LayerNorm(d, eps=a.norm_eps)
         self.attn_pool = AttentionPoolLatent(a, ops)
         self.head = nn.Linear(d, a.num_classes)
-        self._rope_cache: dict = {}
+        self._attn_cache: dict = {}
         self.block_fns = EAGER_BLOCK_FNS  # or compiled_block_fns(), set by the model's ``compile`` option
         self.reset_parameters()
 
@@ -158,10 +160,11 @@ class PeCoreViT(nn.Module):
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.attn_pool.latent, std=self.args.embed_dim**-0.5)
 
-    def _rope(self, n: int, device) -> dict:
-        """RoPE coords for n packed frames and the frame boundaries, built once per (n, device)."""
+    def attn_args(self, n: int, device) -> AttnArgs:
+        """The frame attention's options for n packed frames (2D RoPE coordinates, frame boundaries), built
+        once per (n, device): checked on the host (``cu_seqlens`` built there), then moved to ``device``."""
         key = (n, str(device))
-        hit = self._rope_cache.get(key)
+        hit = self._attn_cache.get(key)
         if hit is None:
             a = self.args
             coords, freqs = pe_core_rope_2d(
@@ -169,14 +172,14 @@ class PeCoreViT(nn.Module):
                 temperature=a.rope_temperature, num_prefix_tokens=a.num_prefix_tokens,
             )
             L = a.num_tokens
-            hit = {
-                "coords": coords.repeat(n, 1).to(device),
-                "freqs": freqs.to(device),
-                "cu_seqlens": (torch.arange(n + 1, dtype=torch.int32) * L).to(device),
-            }
-            if len(self._rope_cache) > 64:  # batch sizes vary; keep the cache small
-                self._rope_cache.clear()
-            self._rope_cache[key] = hit
+            host = attn_args(coords=coords.repeat(n, 1), freqs=freqs,
+                             cu_seqlens=torch.arange(n + 1, dtype=torch.int32) * L, max_seqlen=L)
+            # (n_tokens, read on the host, stays in the record: each call checks q against it)
+            hit = host._replace(coords=host.coords.to(device), freqs=host.freqs.to(device),
+                                cu_seqlens=host.cu_seqlens.to(device))
+            if len(self._attn_cache) > 64:  # batch sizes vary; keep the cache small
+                self._attn_cache.clear()
+            self._attn_cache[key] = hit
         return hit
 
     def embed_patches(self, pixels: torch.Tensor, frame_index: torch.Tensor | None, norm: Normalization | None = None) -> torch.Tensor:
@@ -197,9 +200,9 @@ class PeCoreViT(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1)
         x = self.norm_pre(x + self.pos_embed)
-        rope = self._rope(n, x.device)
+        attn = self.attn_args(n, x.device)
         for blk in self.blocks:
-            x = blk(x, rope, self.block_fns)
+            x = blk(x, attn, self.block_fns)
         return self.norm(x)
 
     def forward(self, pixels: torch.Tensor, frame_index: torch.Tensor | None = None, norm: Normalization | None = None) -> torch.Tensor:

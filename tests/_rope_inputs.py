@@ -36,3 +36,15 @@ def _freqs(d, theta=100.0):
 
 def _cu(lens):
     return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+
+
+def padding_masks(b, seq):
+    """(b >= 5, seq >= 30) key-padding masks. Row 0: prefix of real tokens; row 1: all padding; row 2:
+    random non-prefix; row 3: a run in the middle; row 4: all real."""
+    m = torch.zeros(b, seq, dtype=torch.bool)
+    m[0, :23] = True
+    m[2] = torch.rand(seq) < 0.6
+    m[2, 0] = False
+    m[3, 7:30] = True
+    m[4] = True
+    return m.to(DEV)

@@ -4,15 +4,18 @@ On CPU the kernels run through Triton's interpreter (conftest sets TRITON_INTERP
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 
 import pytest
 import torch
 from _upstream import make_config, randomize, rel_err, video_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pevideo
-from pevideo_kernels import HAS_TRITON, PATCHIFY, ROPE_ATTENTION, interpreting
+from pevideo.inputs_check import check_mask
+from pevideo_kernels import HAS_TRITON, PATCHIFY, ROPE_ATTENTION, ROPE_ATTENTION_QKVPACKED, interpreting
 
 OPS = {"patchify", "frame_attention", "pool_attention", "temporal_attention"}
 KERNELS_RUN_HERE = HAS_TRITON and (torch.cuda.is_available() or interpreting())
@@ -103,6 +106,7 @@ def test_kernel_error_falls_back(large80, monkeypatch):
         raise RuntimeError("simulated compile failure")
 
     monkeypatch.setattr(ROPE_ATTENTION, "fused", boom)
+    monkeypatch.setattr(ROPE_ATTENTION_QKVPACKED, "fused", boom)  # (the frame attention's packed qkv)
     pixels, mask = video_inputs(eager.config, [2, 1])
     with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="simulated compile failure"):
         with torch.no_grad():
@@ -117,15 +121,18 @@ def test_kernel_error_falls_back(large80, monkeypatch):
 
 @needs_kernels
 def test_wrong_kernel_output_is_caught(monkeypatch):
-    """A kernel that runs but computes garbage is checked against the reference on first use and switched off."""
+    """A kernel that runs but computes garbage is checked against the reference on first use and switched
+    off; the check's reference output is the op's output (the reference runs once per call, not twice)."""
     eager, fast = _pair("large80", seed=3)
-    real = PATCHIFY.fused
+    real, real_ref, ref_calls = PATCHIFY.fused, PATCHIFY.ref, []
     monkeypatch.setattr(PATCHIFY, "fused", lambda *a, **k: real(*a, **k) * 1.5)
+    monkeypatch.setattr(PATCHIFY, "ref", lambda *a, **k: (ref_calls.append(1), real_ref(*a, **k))[1])
     pixels, mask = video_inputs(eager.config, [2, 2])
     with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="patchify.*disagreed"):
         with torch.no_grad():
             b = fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
             c = fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))  # stays off, no new warning
+    assert len(ref_calls) == 2, ref_calls  # one per call (the first one's for the check, and returned)
     assert "disagreed" in pevideo.kernel_report(fast)["patchify"]
     with torch.no_grad():
         a = eager.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
@@ -186,24 +193,29 @@ def test_training_attention_saves_no_rotated_copies_or_scores(monkeypatch):
     eager, fast = _pair("tiny", seed=6)
     pixels, mask = video_inputs(eager.config, [3, 1, 2])
     saved: dict[str, list[tuple[int, int]]] = {}
-    real = pevideo.dispatch.Ops.attention
+    Ops = pevideo.dispatch.Ops
+    real = {name: getattr(Ops, name) for name in ("attention", "attention_qkvpacked")}
 
-    def counting(self, op, q, k, v, **kw):
-        got = []
+    def counting(name):
+        def run(self, op, *tensors_and_args):
+            *tensors, args = tensors_and_args
+            got = []
 
-        def pack(t):
-            got.append(t)
-            return t
+            def pack(t):
+                got.append(t)
+                return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = real(self, op, q, k, v, **kw)
-        lse_bytes = 4 * q[..., 0].numel()
-        small = _storage_bytes([kw.get(n) for n in ("coords", "freqs", "cu_seqlens", "key_padding_mask")])
-        bound = _storage_bytes([q, k, v]) + out.numel() * out.element_size() + lse_bytes + small
-        saved.setdefault(op, []).append((_storage_bytes(got), bound))
-        return out
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = real[name](self, op, *tensors, args)
+            lse_bytes = 4 * out[..., 0].numel()
+            small = _storage_bytes([args.coords, args.freqs, args.cu_seqlens, args.key_padding_mask, args.key_ranges])
+            bound = _storage_bytes(tensors) + out.numel() * out.element_size() + lse_bytes + small
+            saved.setdefault(op, []).append((_storage_bytes(got), bound))
+            return out
+        return run
 
-    monkeypatch.setattr(pevideo.dispatch.Ops, "attention", counting)
+    for name in real:
+        monkeypatch.setattr(Ops, name, counting(name))
     for model in (fast, eager):
         saved.clear()
         with warnings.catch_warnings():
@@ -228,7 +240,6 @@ def test_grad_falls_back_where_no_fused_backward(large80, monkeypatch):
     ra = importlib.import_module("pevideo_kernels.rope_attention")  # (the module; the package exports the function)
 
     eager, fast = _pair("large80", seed=5)
-    monkeypatch.setattr(ra, "_train", None)
     monkeypatch.setattr(ra, "BWD_KERNEL_MISSING", "simulated: no backward")
     pixels, mask = video_inputs(eager.config, [2, 1])
     with pytest.warns(pevideo.PeVideoKernelFallbackWarning, match="require grad.*simulated: no backward"):
@@ -240,6 +251,98 @@ def test_grad_falls_back_where_no_fused_backward(large80, monkeypatch):
     with torch.no_grad():  # without autograd the kernel serves again
         fast.get_video_features(pixels.to(DEVICE), mask.to(DEVICE))
     assert pevideo.kernel_report(fast)["frame_attention"] == "fused"
+
+
+# --------------------------------------------------------------------------------------------------
+# no host sync on the launch path (CUDA graphs)
+# --------------------------------------------------------------------------------------------------
+_READ_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+_READ_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique2", "unique_dim"}
+
+
+class _ReadOps(TorchDispatchMode):
+    """aten ops that read tensor values on the host (each a device sync on a GPU), from C++ too."""
+
+    def __init__(self, reads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in _READ_OPS:
+            self.reads.append(f"aten.{func.overloadpacket.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def host_reads(monkeypatch):
+    """Every read of tensor values on the host inside: Python-level (Tensor.item, .tolist, bool(t), ...,
+    seen inside registered ops too) and aten-level. On a GPU each would be a sync."""
+    reads = []
+    for name in _READ_METHODS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _n=name, _r=real, **k: (reads.append(_n), _r(self, *a, **k))[1])
+    try:
+        with _ReadOps(reads):
+            yield reads
+    finally:
+        monkeypatch.undo()
+
+
+@needs_kernels
+def test_frame_encoder_step_reads_nothing_on_the_host(large80, monkeypatch):
+    """Issue 18: a frame-encoder step on the fast path -- patchify, every block's attention, the pooling
+    attention -- reads no tensor value on the host (no .item(), .tolist(), bool(t), nonzero...), so it can
+    run under CUDA-graph capture. The mask is checked once per batch, before it, on the host-side mask;
+    the attention options are built and checked once per frame count; the first-output checks run on
+    the first batch."""
+    _, fast = large80
+    pixels, mask = video_inputs(fast.config, [3, 1, 2])
+    b, t = mask.shape
+    _, real = check_mask(mask, b, t, DEVICE)  # (once per batch)
+    frames = pixels.reshape(b * t, *pixels.shape[2:]).to(DEVICE)
+    vit = fast.video_encoder.vit
+    with torch.no_grad():
+        fast._ops.reset()
+        first = vit(frames, real)  # the first batch: tuning, the first-output checks (host reads)
+        with host_reads(monkeypatch) as reads:
+            again = vit(frames, real)
+    assert reads == [], f"host reads in a frame-encoder step: {reads}"
+    assert pevideo.kernel_report(fast) == dict.fromkeys({"patchify", "frame_attention", "pool_attention"}, "fused")
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_frame_encoder_replays_in_a_cuda_graph():
+    """The fast frame encoder captured in a CUDA graph (after one warm-up batch) replays with the fused
+    ops and gives the eager step's result on new pixels; an eager step makes no sync."""
+    eager, fast = _pair("large80", seed=7)
+    pixels, mask = video_inputs(eager.config, [3, 1, 2])
+    b, t = mask.shape
+    _, real = check_mask(mask, b, t, "cuda")
+    frames = pixels.reshape(b * t, *pixels.shape[2:]).cuda()
+    vit = fast.video_encoder.vit
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                vit(frames, real)  # tuning and the first-output checks happen here
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            vit(frames, real)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = vit(frames, real)
+        frames.copy_(torch.randn_like(frames))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = vit(frames, real)
+    assert set(pevideo.kernel_report(fast).values()) == {"fused"}
+    torch.testing.assert_close(static_out, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

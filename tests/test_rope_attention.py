@@ -1,5 +1,6 @@
-"""rope_attention: the fused Triton kernel against the PyTorch reference, the reference against a naive
-float64 definition, and every argument check.
+"""rope_attention: the fused Triton kernel against the PyTorch reference, in every mode and every way of
+rotating K. (The reference against a naive definition and the argument checks:
+test_rope_attention_args.py; modes, tuning, 64-bit offsets, torch.compile: test_rope_attention_launch.py.)
 
 Without a GPU the kernel runs under Triton's interpreter on CPU tensors (float32 and float16; the
 interpreter's bf16 dot is wrong); on a CUDA machine the same tests run the compiled kernel, and the
@@ -8,26 +9,23 @@ forgets to write cannot pass.
 """
 from __future__ import annotations
 
-import inspect
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from pevideo.rope import pe_core_rope_2d, rope_1d
 from pevideo_kernels import (
+    ROPE_K_MODES,
     apply_rope_ref,
+    interpreting,
     rope_attention,
+    rope_attention_qkvpacked,
     rope_attention_ref,
     rope_attention_unsupported_reason,
+    rope_k_mode,
 )
-from pevideo_kernels import ROPE_ATTENTION, interpreting
-from pevideo_kernels._rope_attention_launch import DEFAULT_ROPE_K, ROPE_K_MODES, rope_k_mode
 from pevideo_kernels.testing import interpreter_blocks, poison_outputs
 
-from _rope_inputs import DEV, _coords, _cu, _freqs, _rand  # noqa: E402
+from _rope_inputs import DEV, _coords, _cu, _freqs, _rand, padding_masks  # noqa: E402
 ON_GPU = DEV == "cuda"
 
 # (dtype, atol, rtol) of the kernel against the float32 reference on the same (rounded) inputs. On a GPU
@@ -38,10 +36,12 @@ DTYPES = [
     pytest.param((torch.float16, 3e-3, 3e-3), id="fp16"),
 ]
 LAYOUTS = ["interleaved", "half"]
-# RoPE tests run every way of rotating K (ROPE_K_MODES): the default in both dtypes, the other
-# candidates in fp16 (which also checks their rounding to the input dtype); tests take ``rope_k, tol``.
-ROPE_K_TOLS = [pytest.param(DEFAULT_ROPE_K, t.values[0], id=f"{DEFAULT_ROPE_K}-{t.id}") for t in DTYPES] + [
-    pytest.param(m, DTYPES[1].values[0], id=f"{m}-{DTYPES[1].id}") for m in ROPE_K_MODES if m != DEFAULT_ROPE_K
+# RoPE tests run every way of rotating K (ROPE_K_MODES): the frame shape's default ("prerotate") in
+# both dtypes, the other candidates in fp16 (which also checks their rounding to the input dtype);
+# tests take ``rope_k, tol``. (The model's tests run the per-shape defaults in float32.)
+FRAME_MODE = "prerotate"
+ROPE_K_TOLS = [pytest.param(FRAME_MODE, t.values[0], id=f"{FRAME_MODE}-{t.id}") for t in DTYPES] + [
+    pytest.param(m, DTYPES[1].values[0], id=f"{m}-{DTYPES[1].id}") for m in ROPE_K_MODES if m != FRAME_MODE
 ]
 
 
@@ -50,7 +50,7 @@ def _poison_and_blocks(request):
     # Small tiles under the interpreter: more query blocks, whole K tiles and a ragged last one even
     # for the short sequences these tests can afford. (A test may nest other blocks inside.)
     callspec = getattr(request.node, "callspec", None)
-    mode = callspec.params.get("rope_k", DEFAULT_ROPE_K) if callspec else DEFAULT_ROPE_K
+    mode = callspec.params.get("rope_k") if callspec else None  # (None: the per-shape default)
     with poison_outputs(), interpreter_blocks(16, 16), rope_k_mode(mode):
         yield
 
@@ -97,7 +97,7 @@ def test_packed(seed, rope_k, tol, layout, head_dim, coord_kind, heads, kv_heads
     kw = dict(coords=_coords((n,), coord_kind), freqs=_freqs(head_dim), rope_layout=layout, cu_seqlens=_cu(lens))
     out = _fused(q, k, v, **kw)
     _check(out, _ref32(q, k, v, **kw), q, atol, rtol)
-    if rope_k == DEFAULT_ROPE_K:  # (rope_k does not matter without RoPE)
+    if rope_k == FRAME_MODE:  # (rope_k does not matter without RoPE)
         # the same without RoPE, and with max_seqlen given (larger than needed: extra blocks must exit)
         kw2 = dict(cu_seqlens=_cu(lens), max_seqlen=50)
         _check(_fused(q, k, v, **kw2), _ref32(q, k, v, **kw2), q, atol, rtol)
@@ -127,18 +127,6 @@ def test_packed_empty(seed):
 # --------------------------------------------------------------------------------------------------
 # padded (key_padding_mask) and full
 # --------------------------------------------------------------------------------------------------
-def _masks(b, seq):
-    """Row 0: prefix of real tokens; row 1: all padding; row 2: random non-prefix; row 3: a run in the
-    middle; row 4: all real."""
-    m = torch.zeros(b, seq, dtype=torch.bool)
-    m[0, :23] = True
-    m[2] = torch.rand(seq) < 0.6
-    m[2, 0] = False
-    m[3, 7:30] = True
-    m[4] = True
-    return m.to(DEV)
-
-
 @pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("head_dim, coord_kind, skip", [(16, "int32", False), (64, "float", False), (16, "float", True)])
@@ -146,7 +134,7 @@ def test_padded(seed, rope_k, tol, layout, head_dim, coord_kind, skip):
     dtype, atol, rtol = tol
     b, seq, heads = 5, 40, 2
     q, k, v = (_rand(b, seq, heads, head_dim, dtype=dtype) for _ in range(3))
-    mask = _masks(b, seq)
+    mask = padding_masks(b, seq)
     kw = dict(coords=_coords((b, seq), coord_kind), freqs=_freqs(head_dim), rope_layout=layout, key_padding_mask=mask,
               skip_padded_queries=skip)
     out = _fused(q, k, v, **kw)
@@ -164,7 +152,7 @@ def test_padded_rows_match_sdpa_key_mask(seed):
     """Default padded mode = SDPA with a key-padding mask, padded query rows included."""
     b, seq, heads, d = 5, 19, 2, 16
     q, k, v = (_rand(b, seq, heads, d, dtype=torch.float32) for _ in range(3))
-    mask = _masks(b, seq)
+    mask = padding_masks(b, seq)
     out = _fused(q, k, v, key_padding_mask=mask)
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :]
@@ -182,7 +170,7 @@ def test_padded_garbage_in_padding(seed, rope_k, tol, skip):
     dtype, atol, rtol = tol
     b, seq, heads, d = 5, 33, 2, 16
     q, k, v = (_rand(b, seq, heads, d, dtype=dtype) for _ in range(3))
-    mask = _masks(b, seq)
+    mask = padding_masks(b, seq)
     kw = dict(coords=_coords((b, seq), "int32"), freqs=_freqs(d), key_padding_mask=mask, skip_padded_queries=skip)
     ref = _ref32(q, k, v, **kw)
     for t in ((q, k, v) if skip else (k, v)):
@@ -215,7 +203,10 @@ def test_strided_qkv_packed(seed, rope_k, tol, layout):
     q, k, v = qkv.unbind(1)
     assert not q.is_contiguous()
     kw = dict(coords=_coords((n,), "int32")[:, [2, 0, 1]], freqs=_freqs(d), rope_layout=layout, cu_seqlens=_cu(lens))
-    _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, atol, rtol)
+    out = _fused(q, k, v, **kw)
+    _check(out, _ref32(q, k, v, **kw), q, atol, rtol)
+    # the same as one packed tensor (flash-attn's qkvpacked form): the same launch, the same bits
+    assert torch.equal(rope_attention_qkvpacked(qkv, **kw), out)
 
 
 @pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
@@ -224,11 +215,13 @@ def test_strided_qkv_padded(seed, rope_k, tol):
     b, seq, heads, d = 5, 24, 2, 12
     qkv = _rand(b, seq, 3, heads, d, dtype=dtype)
     q, k, v = qkv.unbind(2)
-    mask = _masks(b, seq)
+    mask = padding_masks(b, seq)
     # coords and mask as strided views too
     coords = _coords((b, seq * 2), "float")[:, ::2]
     kw = dict(coords=coords, freqs=_freqs(d), key_padding_mask=mask, rope_layout="half")
-    _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, atol, rtol)
+    out = _fused(q, k, v, **kw)
+    _check(out, _ref32(q, k, v, **kw), q, atol, rtol)
+    assert torch.equal(rope_attention_qkvpacked(qkv, **kw), out)
 
 
 @pytest.mark.parametrize("rope_k, tol", ROPE_K_TOLS)
@@ -238,7 +231,7 @@ def test_gqa_padded(seed, rope_k, tol, kv_heads):
     b, seq, heads, d = 5, 21, 4, 16
     q = _rand(b, seq, heads, d, dtype=dtype)
     k, v = (_rand(b, seq, kv_heads, d, dtype=dtype) for _ in range(2))
-    kw = dict(coords=_coords((b, seq), "int64"), freqs=_freqs(d), key_padding_mask=_masks(b, seq))
+    kw = dict(coords=_coords((b, seq), "int64"), freqs=_freqs(d), key_padding_mask=padding_masks(b, seq))
     _check(_fused(q, k, v, **kw), _ref32(q, k, v, **kw), q, atol, rtol)
 
 
@@ -325,40 +318,6 @@ def test_rope_prepass_scratch(seed, rope_k, layout):
         assert (c2[:, 0, d // 2:] == 1).all() and (c2[:, 1, d // 2:] == 0).all()
 
 
-def test_rope_k_mode_rejects_unknown():
-    with pytest.raises(ValueError, match="rope_k mode"):
-        with rope_k_mode("sideways"):
-            pass
-
-
-def test_autotuning_is_keyed_by_segment_length_and_cached_on_disk():
-    """Issue 9: tuning must not cost every new process or batch size. 1, 64 and 256 frames of 577 tokens
-    give the same key values (a longer segment, 1025 tokens, does not); the tuned kernels keep their
-    results in Triton's cache on disk."""
-    import pevideo_kernels._rope_attention_launch as T
-
-    coords, freqs = pe_core_rope_2d(24, 24, 64, ref_feat_shape=(24, 24))
-
-    def key(n, length, c):
-        q = torch.empty(n * length, 16, 64, dtype=torch.float16)
-        cu = torch.arange(n + 1, dtype=torch.int32) * length
-        args, flags, *_ = T.kernel_args(q, q, q, c, freqs, "interleaved", cu, length, None, 0.125, q)
-        fn = getattr(T.rope_attn_fwd, "fn", T.rope_attn_fwd)  # (the interpreter wraps it)
-        runtime = [n for n in inspect.signature(fn).parameters if n not in flags and n not in ("BLOCK_M", "BLOCK_N")]
-        named = {**dict(zip(runtime, args)), **flags}
-        return tuple(named[k] for k in T.TUNING_KEY)
-
-    frames = {key(n, 577, coords.repeat(n, 1)) for n in (1, 64, 256)}
-    assert len(frames) == 1, frames
-    assert key(2, 1025, torch.zeros(2 * 1025, 3)) not in frames
-    # Outside the interpreter (which turns Triton's result cache off), as a CUDA launch builds them.
-    check = ("import pevideo_kernels._rope_attention_launch as T, pevideo_kernels._patchify_triton as P; "
-             "assert all(T.tuned_kernel(n).cache_results for n in T.CONFIG_SETS); "
-             "assert P.patchify_kernel.cache_results")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
 
 def test_poison_hook_shows_unwritten_outputs(seed, monkeypatch):
     """The testing hook the tests above rely on: with poison_outputs(), what the kernel skips is NaN."""
@@ -401,216 +360,6 @@ def test_requires_grad_runs_fused_backward(seed):
     with pytest.raises(RuntimeError):
         g.sum().backward()
 
-
-@poison_outputs(ON_GPU)  # (off on CPU: keep the traced graph minimal)
-def test_torch_compile(seed):
-    """The op is a torch.library.triton_op, so torch.compile traces the launch (no graph break)."""
-    d, heads = 16, 2
-    lens = [5, 20]
-    n = sum(lens)
-    q, k, v = (torch.randn(n, heads, d, device=DEV) for _ in range(3))
-    coords, freqs = _coords((n,), "int32"), _freqs(d)
-    cu = _cu(lens)
-
-    def f(q, k, v):
-        return torch.ops.pevideo.rope_attention(q * 2, k, v, coords, freqs, "interleaved", cu, 20, None, 0.25)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, backend="aot_eager" if not ON_GPU else "inductor", fullgraph=True)
-    out = compiled(q, k, v)
-    ref = rope_attention_ref(q * 2, k, v, coords=coords, freqs=freqs, cu_seqlens=cu, scale=0.25)
-    torch.testing.assert_close(out, ref, atol=_F32_TOL, rtol=_F32_TOL)
-
-
-@poison_outputs(ON_GPU)
-def test_torch_compile_backward(seed):
-    """Forward and fused backward under torch.compile (fullgraph): the autograd Function around the two
-    registered ops traces, and its gradients are the reference's."""
-    d, heads = 16, 2
-    lens = [5, 20]
-    n = sum(lens)
-    qkv = torch.randn(n, 3 * heads * d, device=DEV)
-    coords, freqs = _coords((n,), "int32"), _freqs(d)
-    cu = _cu(lens)
-
-    def f(x):
-        q, k, v = x.view(n, 3, heads, d).unbind(1)
-        # the kernel path itself (the public function's host-side checks of cu_seqlens don't trace)
-        return ROPE_ATTENTION.fused(q, k, v, coords=coords, freqs=freqs, cu_seqlens=cu, max_seqlen=20)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(f, backend="aot_eager" if not ON_GPU else "inductor", fullgraph=True)
-    x1, x2 = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
-    g = torch.randn(n, heads, d, device=DEV)
-    compiled(x1).backward(g)
-    q, k, v = x2.view(n, 3, heads, d).unbind(1)
-    rope_attention_ref(q, k, v, coords=coords, freqs=freqs, cu_seqlens=cu).backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad, atol=_F32_TOL, rtol=_F32_TOL)
-
-
-# --------------------------------------------------------------------------------------------------
-# the reference against a naive float64 definition
-# --------------------------------------------------------------------------------------------------
-def _rotate_naive(x, coords, freqs, layout):
-    """x (L, H, D) float64: explicit 2x2 rotation per pair, angle computed in float32 as specified."""
-    d = x.shape[-1]
-    c = coords.to(torch.float32)
-    out = x.clone()
-    for j in range(d // 2):
-        ang = c[:, 0] * freqs[0, j] + c[:, 1] * freqs[1, j] + c[:, 2] * freqs[2, j]  # float32
-        a = ang.double()
-        rot = torch.stack([torch.stack([a.cos(), -a.sin()], -1), torch.stack([a.sin(), a.cos()], -1)], -2)  # (L,2,2)
-        i0, i1 = (2 * j, 2 * j + 1) if layout == "interleaved" else (j, j + d // 2)
-        pair = torch.stack([x[..., i0], x[..., i1]], -1)  # (L, H, 2)
-        turned = torch.einsum("lij,lhj->lhi", rot, pair)
-        out[..., i0], out[..., i1] = turned[..., 0], turned[..., 1]
-    return out
-
-
-def _attend_naive(q, k, v, scale, key_ok):
-    """One sequence, float64: q (Lq, H, D), k/v (Lk, Hkv, D); rows with no real key are zeros."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    out = torch.zeros(q.shape, dtype=torch.float64)
-    if not key_ok.any():
-        return out
-    s = torch.einsum("qhd,khd->hqk", q, k) * scale
-    s = s[..., key_ok]
-    p = torch.softmax(s, -1)
-    return torch.einsum("hqk,khd->qhd", p, v[key_ok])
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_reference_matches_naive_packed(seed, layout):
-    lens, heads, kvh, d = [3, 0, 11, 6], 4, 2, 12
-    n = sum(lens)
-    q = torch.randn(n, heads, d)
-    k, v = torch.randn(2, n, kvh, d).unbind(0)
-    coords, freqs = _coords((n,), "float").cpu(), _freqs(d).cpu()
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    ref = rope_attention_ref(q, k, v, coords=coords, freqs=freqs, rope_layout=layout, cu_seqlens=cu, scale=0.3)
-    qr = _rotate_naive(q.double(), coords, freqs, layout)
-    kr = _rotate_naive(k.double(), coords, freqs, layout)
-    naive = torch.zeros(n, heads, d, dtype=torch.float64)
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        if b > a:
-            naive[a:b] = _attend_naive(qr[a:b], kr[a:b], v[a:b].double(), 0.3, torch.ones(b - a, dtype=torch.bool))
-    torch.testing.assert_close(ref.double(), naive, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_reference_matches_naive_padded(seed, layout):
-    b, seq, heads, d = 5, 30, 2, 16
-    q, k, v = torch.randn(3, b, seq, heads, d).unbind(0)
-    mask = _masks(b, seq).cpu()
-    coords = _coords((b, seq), "int32").cpu()
-    coords2d, freqs = pe_core_rope_2d(2, 3, d)  # real PE-Core frequencies this time
-    ref = rope_attention_ref(q, k, v, coords=coords, freqs=freqs, rope_layout=layout, key_padding_mask=mask)
-    skip = rope_attention_ref(q, k, v, coords=coords, freqs=freqs, rope_layout=layout, key_padding_mask=mask,
-                              skip_padded_queries=True)
-    for i in range(b):
-        qr = _rotate_naive(q[i].double(), coords[i], freqs, layout)
-        kr = _rotate_naive(k[i].double(), coords[i], freqs, layout)
-        naive = _attend_naive(qr, kr, v[i].double(), d**-0.5, mask[i])  # every query row, keys masked
-        torch.testing.assert_close(ref[i].double(), naive, atol=1e-5, rtol=1e-5)
-        naive[~mask[i]] = 0
-        torch.testing.assert_close(skip[i].double(), naive, atol=1e-5, rtol=1e-5)
-    # cross attention (no RoPE): rows with no real key are zeros
-    qc = torch.randn(b, 2, heads, d)
-    refc = rope_attention_ref(qc, k, v, key_padding_mask=mask)
-    for i in range(b):
-        naive = _attend_naive(qc[i].double(), k[i].double(), v[i].double(), d**-0.5, mask[i])
-        torch.testing.assert_close(refc[i].double(), naive, atol=1e-5, rtol=1e-5)
-
-
-def test_rope_1d_is_standard_rope(seed):
-    """rope_1d + 'half' layout is transformers' rotate_half RoPE."""
-    d, n = 16, 7
-    coords, freqs = rope_1d(n, d)
-    x = torch.randn(n, 1, d)
-    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
-    ang = torch.arange(n).float()[:, None] * inv
-    emb = torch.cat([ang, ang], -1)[:, None]
-    rot_half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
-    want = x * emb.cos() + rot_half * emb.sin()
-    torch.testing.assert_close(apply_rope_ref(x, coords, freqs, "half"), want, atol=1e-6, rtol=1e-6)
-
-
-# --------------------------------------------------------------------------------------------------
-# argument checks
-# --------------------------------------------------------------------------------------------------
-def _bad_cases():
-    t = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt)  # noqa: E731
-    q3, q4 = t(10, 2, 16), t(2, 5, 2, 16)
-    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-    c3, f = torch.zeros(10, 3), torch.zeros(3, 8)
-    m = torch.ones(2, 5, dtype=torch.bool)
-    return [
-        ("not a tensor", ([1.0], q3, q3), {}),
-        ("int dtype", (t(10, 2, 16, dt=torch.int32),) * 3, {"cu_seqlens": cu}),
-        ("float64", (t(10, 2, 16, dt=torch.float64),) * 3, {"cu_seqlens": cu}),
-        ("dtype mismatch", (q3, q3.half(), q3), {"cu_seqlens": cu}),
-        ("last dim strided", (t(10, 2, 32)[..., ::2], q3, q3), {"cu_seqlens": cu}),
-        ("head_dim too small", (t(10, 2, 4),) * 3, {"cu_seqlens": cu}),
-        ("head_dim too large", (t(1, 2, 2, 264),) * 3, {}),
-        ("head_dim mismatch", (q3, t(10, 2, 8), t(10, 2, 8)), {"cu_seqlens": cu}),
-        ("k/v shape mismatch", (q3, q3, t(10, 1, 16)), {"cu_seqlens": cu}),
-        ("heads not a multiple", (t(10, 3, 16), q3, q3), {"cu_seqlens": cu}),
-        ("k rank differs", (q3, t(10, 1, 2, 16), t(10, 1, 2, 16)), {"cu_seqlens": cu}),
-        ("both modes", (q3, q3, q3), {"cu_seqlens": cu, "key_padding_mask": torch.ones(1, 10, dtype=torch.bool)}),
-        ("packed needs 3-D", (q4, q4, q4), {"cu_seqlens": cu}),
-        ("packed token mismatch", (q3, t(9, 2, 16), t(9, 2, 16)), {"cu_seqlens": cu}),
-        ("cu_seqlens int64", (q3, q3, q3), {"cu_seqlens": cu.long()}),
-        ("cu_seqlens 2-D", (q3, q3, q3), {"cu_seqlens": cu[None]}),
-        ("cu_seqlens one entry", (q3, q3, q3), {"cu_seqlens": cu[:1]}),
-        ("cu_seqlens not from 0", (q3, q3, q3), {"cu_seqlens": torch.tensor([1, 4, 10], dtype=torch.int32)}),
-        ("cu_seqlens decreasing", (q3, q3, q3), {"cu_seqlens": torch.tensor([0, 6, 4, 10], dtype=torch.int32)}),
-        ("cu_seqlens wrong end", (q3, q3, q3), {"cu_seqlens": torch.tensor([0, 4, 9], dtype=torch.int32)}),
-        ("max_seqlen too small", (q3, q3, q3), {"cu_seqlens": cu, "max_seqlen": 5}),
-        ("packed coords shape", (q3, q3, q3), {"cu_seqlens": cu, "coords": torch.zeros(9, 3), "freqs": f}),
-        ("batched needs 4-D", (q3, q3, q3), {}),
-        ("batch mismatch", (q4, t(1, 5, 2, 16), t(1, 5, 2, 16)), {}),
-        ("rope needs same length", (q4, t(2, 6, 2, 16), t(2, 6, 2, 16)), {"coords": torch.zeros(2, 5, 3), "freqs": f}),
-        ("mask not bool", (q4, q4, q4), {"key_padding_mask": m.int()}),
-        ("mask shape", (q4, q4, q4), {"key_padding_mask": m[:, :4]}),
-        ("batched coords shape", (q4, q4, q4), {"coords": torch.zeros(2, 4, 3), "freqs": f}),
-        ("coords without freqs", (q3, q3, q3), {"cu_seqlens": cu, "coords": c3}),
-        ("freqs without coords", (q3, q3, q3), {"cu_seqlens": cu, "freqs": f}),
-        ("coords float64", (q3, q3, q3), {"cu_seqlens": cu, "coords": c3.double(), "freqs": f}),
-        ("odd head_dim with rope", (t(10, 2, 15),) * 3, {"cu_seqlens": cu, "coords": c3, "freqs": torch.zeros(3, 7)}),
-        ("freqs shape", (q3, q3, q3), {"cu_seqlens": cu, "coords": c3, "freqs": torch.zeros(3, 16)}),
-        ("freqs dtype", (q3, q3, q3), {"cu_seqlens": cu, "coords": c3, "freqs": f.double()}),
-        ("bad layout", (q3, q3, q3), {"cu_seqlens": cu, "rope_layout": "rotate_half"}),
-        ("scale zero", (q3, q3, q3), {"cu_seqlens": cu, "scale": 0.0}),
-        ("scale nan", (q3, q3, q3), {"cu_seqlens": cu, "scale": float("nan")}),
-        ("skip without mask", (q4, q4, q4), {"skip_padded_queries": True}),
-        ("skip packed", (q3, q3, q3), {"cu_seqlens": cu, "skip_padded_queries": True}),
-        ("skip not bool", (q4, q4, q4), {"key_padding_mask": m, "skip_padded_queries": 1}),
-    ]
-
-
-@pytest.mark.parametrize("args, kwargs", [pytest.param(a, k, id=name) for name, a, k in _bad_cases()])
-def test_bad_arguments(args, kwargs):
-    with pytest.raises(ValueError):
-        rope_attention(*args, **kwargs)
-
-
-@pytest.mark.skipif(not ON_GPU, reason="device mismatches need a CUDA device")
-@pytest.mark.parametrize("which", ["k", "cu_seqlens", "mask", "coords", "freqs"])
-def test_bad_devices(which):
-    q = torch.zeros(10, 2, 16, device="cuda")
-    kw = dict(cu_seqlens=torch.tensor([0, 10], dtype=torch.int32, device="cuda"),
-              coords=torch.zeros(10, 3, device="cuda"), freqs=torch.zeros(3, 8, device="cuda"))
-    k = q
-    if which == "k":
-        k = q.cpu()
-    elif which == "mask":
-        q = k = q.reshape(1, 10, 2, 16)
-        kw = dict(key_padding_mask=torch.ones(1, 10, dtype=torch.bool))
-    else:
-        kw[which] = kw[which].cpu()
-    with pytest.raises(ValueError):
-        rope_attention(q, k, k if which != "k" else k, **kw)
 
 
 # --------------------------------------------------------------------------------------------------

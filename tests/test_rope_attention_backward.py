@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pevideo.rope import pe_core_rope_2d
-from pevideo_kernels import rope_attention, rope_attention_ref
+from pevideo_kernels import rope_attention, rope_attention_qkvpacked, rope_attention_ref
 from pevideo_kernels.rope_attention_bwd import rope_attention_bwd, rope_attention_lse_ref
 from pevideo_kernels.testing import interpreter_blocks, poison_outputs
 
@@ -250,22 +250,21 @@ def test_fused_qkv_packed_gqa(seed):
 
 
 @pytest.mark.parametrize("tol", DTYPES)
-@pytest.mark.parametrize("mode", ["packed_select", "padded_unbind"])
+@pytest.mark.parametrize("mode", ["packed", "padded"])
 def test_fused_qkv_autograd_one_buffer(seed, tol, mode):
-    """q, k, v as views of one qkv tensor (the model's projection output): autograd through the op gets
-    its gradient as one qkv-shaped buffer (the op's input is the fused tensor itself, not three views
-    whose gradients autograd would zero-fill and sum), equal to the reference's."""
+    """q, k, v packed in one qkv tensor (the model's projection output) through rope_attention_qkvpacked:
+    autograd gets its gradient as one qkv-shaped buffer (the op's input is the packed tensor itself, not
+    three views whose gradients autograd would zero-fill and sum), equal to the reference's."""
     dtype, atol, rtol = tol
     heads, d = 2, 16
-    if mode == "packed_select":
+    if mode == "packed":
         lens = [9, 0, 20]
         n = sum(lens)
         x = _rand(n, 3 * heads * d, dtype=dtype)
         kw = dict(coords=_coords((n,), "int32"), freqs=_freqs(d), cu_seqlens=_cu(lens))
 
-        def split(t):
-            qkv = t.view(n, 3, heads, d)
-            return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        def pack(t):
+            return t.view(n, 3, heads, d)
     else:
         b, seq = 3, 21
         x = _rand(b, seq, 3, heads, d, dtype=dtype)
@@ -273,19 +272,19 @@ def test_fused_qkv_autograd_one_buffer(seed, tol, mode):
         mask[1, 15:] = False
         kw = dict(coords=_coords((b, seq), "float"), freqs=_freqs(d), rope_layout="half", key_padding_mask=mask)
 
-        def split(t):
-            return t.unbind(2)
+        def pack(t):
+            return t
     ref = x.detach().float().requires_grad_()
-    dout = _rand(*split(x)[0].shape, dtype=dtype)
-    rope_attention_ref(*split(ref), **kw).backward(dout.float())
+    dout = _rand(*pack(x).unbind(-3)[0].shape, dtype=dtype)
+    rope_attention_ref(*pack(ref).unbind(-3), **kw).backward(dout.float())
     leaf = x.detach().clone().requires_grad_()
     base = leaf * 1.0  # a non-leaf projection output, as in the model
     with poison_outputs(), interpreter_blocks(16, 16):
-        out = rope_attention(*split(base), **kw)
-        # the op's one differentiable input is the fused tensor (a view of ``base``), not q, k, v
-        (view_fn, _), *rest = out.grad_fn.next_functions
-        assert type(view_fn).__name__.startswith("ViewBackward") and all(f is None for f, _ in rest)
-        assert view_fn.next_functions[0][0] is base.grad_fn
+        out = rope_attention_qkvpacked(pack(base), **kw)
+        # the op's one differentiable input is the packed tensor (``base`` or a view of it), not q, k, v
+        (first, _), *rest = out.grad_fn.next_functions
+        assert all(f is None for f, _ in rest)
+        assert first is base.grad_fn or first.next_functions[0][0] is base.grad_fn
         out.backward(dout)
     assert torch.isfinite(leaf.grad).all()
     torch.testing.assert_close(leaf.grad.float(), ref.grad, atol=atol, rtol=rtol)
@@ -348,12 +347,8 @@ def test_reference_gradcheck(seed):
 def test_forward_stores_lse(seed, mode):
     """The training forward's log-sum-exp (what the backward reads) equals the helper's on every row the
     forward computes; the inference forward's output is the same."""
-    from pevideo_kernels._rope_attention_launch import (
-        ROPE_K_MODES,
-        rope_attention_fused_lse,
-        rope_attention_fwd,
-        rope_k_mode,
-    )
+    from pevideo_kernels import ROPE_ATTENTION, ROPE_K_MODES, attn_args
+    from pevideo_kernels._rope_attention_autograd import fwd_lse_op, fwd_op
 
     if mode == "packed":
         lens = [0, 5, 21, 0, 9]
@@ -374,13 +369,12 @@ def test_forward_stores_lse(seed, mode):
         mask = _masks(5, 37)[:, :29]
         kw = dict(key_padding_mask=mask, scale=0.3)
         live = mask.any(1)[:, None, None].expand(5, 3, 2)
-    args = [kw.get(n) for n in ("coords", "freqs")] + [kw.get("rope_layout", "interleaved")] + [
-        kw.get(n) for n in ("cu_seqlens", "max_seqlen", "key_padding_mask", "scale")] + [kw.get("skip_padded_queries", False)]
     modes = list(ROPE_K_MODES) if "coords" in kw else ["loop"]  # every way the forward may rotate K
     for mode in modes:
-        with poison_outputs(), interpreter_blocks(16, 16), rope_k_mode(mode):
-            out, lse = rope_attention_fused_lse(q, k, v, *args)
-            out_inf = rope_attention_fwd(q, k, v, *args)
+        args = ROPE_ATTENTION.resolve(q, k, v, attn_args(**kw, rope_k=mode)).args.op_args()
+        with poison_outputs(), interpreter_blocks(16, 16):
+            out, lse = fwd_lse_op(q, k, v, *args)
+            out_inf = fwd_op(q, k, v, *args)
         assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
         torch.testing.assert_close(lse[live], _lse(q, k, kw)[live], atol=1e-5, rtol=1e-5, msg=lambda m: f"{mode}: {m}")
         assert torch.equal(out, out_inf), mode

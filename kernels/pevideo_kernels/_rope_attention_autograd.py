@@ -1,167 +1,132 @@
-"""Autograd for :func:`pevideo_kernels.rope_attention`'s kernel path: one ``autograd.Function`` whose
-forward is the registered training op (``torch.ops.pevideo.rope_attention_lse``: the forward kernel
-storing the per-row log-sum-exp) and whose backward is the registered backward op
-(``torch.ops.pevideo.rope_attention_bwd``: the two Triton backward kernels). Both are
-``torch.library.triton_op`` on CUDA, so ``torch.compile`` (and AOTAutograd's traced backward) sees
-one forward op and one backward op.
+"""The host entry of rope_attention's kernel path (what the public module imports, behind one guard):
+the registered ops and the autograd Function around them.
 
-Saved for the backward: q, k, v (or the one fused qkv tensor they are views of), ``out``, the float32
-``lse`` and the small coordinate/mask tensors -- no rotated q/k and nothing of size N x N.
-``coords`` and ``freqs`` get no gradient (the public function's reasons send inputs whose coords or
-freqs require grad to the reference instead).
+* ``torch.ops.pevideo.rope_attention``: the inference forward;
+* ``torch.ops.pevideo.rope_attention_lse``: the training forward, also storing each row's log-sum-exp;
+* ``torch.ops.pevideo.rope_attention_bwd``: the two backward kernels.
+
+All three take q, k, v (and for the backward dout, out, lse) followed by :meth:`AttnArgs.op_args`;
+they are ``torch.library.triton_op`` on CUDA, so ``torch.compile`` (and AOTAutograd's traced backward)
+sees one forward op and one backward op, and the resolved mode (``rope_k``) is an op argument that
+compiled graphs guard on. :func:`run` is the kernel path of one resolved call (:class:`AttnCall`).
+
+Saved for the backward: q, k, v (or the one packed qkv tensor), ``out``, the float32 ``lse`` and the
+record's small tensors -- no rotated q/k and nothing of size N x N -- plus the record's resolved
+values: the backward checks and resolves nothing again. ``coords`` and ``freqs`` get no gradient.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._rope_attention_launch import rope_attention_fused_lse
+from ._rope_attention_args import AttnArgs, AttnCall
+from ._rope_attention_launch import launch_bwd, launch_fwd, lse_buffer
 from ._triton import register_op
-from .rope_attention_bwd import rope_attention_bwd
 
-__all__ = ["rope_attention_train", "fused_qkv_view"]
-
-
-def _dense_strides(shape) -> tuple:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= n
-    return tuple(reversed(out))
+__all__ = ["run", "backward", "fwd_op", "fwd_lse_op", "bwd_op"]
 
 
-def fused_qkv_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """``(qkv, dim)`` when q, k, v are ``qkv.select(dim, 0 / 1 / 2)`` of one contiguous tensor covering
-    their whole base (e.g. the model's ``qkv.view(T, 3, H, D)[:, i]``), else None.
-
-    Then the backward writes one qkv-shaped gradient, and autograd hands it to the projection as it is
-    (a view), instead of three zero-filled base-sized gradients summed (``select``) or stacked (``unbind``).
-    """
-    base = q._base
-    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
-        return None
-    if not (base.requires_grad and q.requires_grad and k.requires_grad and v.requires_grad):
-        return None
-    if not (q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride()):
-        return None
-    s = k.storage_offset() - q.storage_offset()
-    if s <= 0 or v.storage_offset() - k.storage_offset() != s or q.storage_offset() != base.storage_offset():
-        return None
-    for dim in range(q.dim() + 1):
-        shape = (*q.shape[:dim], 3, *q.shape[dim:])
-        stride = (*q.stride()[:dim], s, *q.stride()[dim:])
-        dense = _dense_strides(shape)
-        if all(n == 1 or a == b for n, a, b in zip(shape, stride, dense)):
-            n = 1
-            for x in shape:
-                n *= x
-            if n == base.numel():
-                return base.view(shape), dim
-    return None
+def _fwd(q: Tensor, k: Tensor, v: Tensor, coords: Optional[Tensor], freqs: Optional[Tensor], rope_layout: str,
+         cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], key_padding_mask: Optional[Tensor],
+         scale: Optional[float], skip_padded_queries: bool, rope_k: Optional[str],
+         key_ranges: Optional[Tensor]) -> Tensor:
+    """rope_attention's inference forward: q, k, v, then the fields of AttnArgs.op_args()."""
+    args = AttnArgs(coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries,
+                    rope_k, key_ranges)
+    return launch_fwd(q, k, v, args, False)[0]
 
 
-# --------------------------------------------------------------------------------------------------
-# The backward as a registered op (so torch.compile traces its launches)
-# --------------------------------------------------------------------------------------------------
-def _bwd_launcher(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    coords: Optional[torch.Tensor] = None,
-    freqs: Optional[torch.Tensor] = None,
-    rope_layout: str = "interleaved",
-    cu_seqlens: Optional[torch.Tensor] = None,
-    max_seqlen: Optional[int] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    skip_padded_queries: bool = False,
-    fused_dim: int = -1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv); with ``fused_dim >= 0`` q is the fused qkv tensor (k, v unused) and the result is
+def _fwd_lse(q: Tensor, k: Tensor, v: Tensor, coords: Optional[Tensor], freqs: Optional[Tensor], rope_layout: str,
+             cu_seqlens: Optional[Tensor], max_seqlen: Optional[int], key_padding_mask: Optional[Tensor],
+             scale: Optional[float], skip_padded_queries: bool, rope_k: Optional[str],
+             key_ranges: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The training forward: (out, lse), lse float32 of shape q.shape[:-1] (see rope_attention_bwd)."""
+    args = AttnArgs(coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries,
+                    rope_k, key_ranges)
+    return launch_fwd(q, k, v, args, True)
+
+
+def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, qkv_dim: int,
+         coords: Optional[Tensor], freqs: Optional[Tensor], rope_layout: str, cu_seqlens: Optional[Tensor],
+         max_seqlen: Optional[int], key_padding_mask: Optional[Tensor], scale: Optional[float],
+         skip_padded_queries: bool, rope_k: Optional[str], key_ranges: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); with ``qkv_dim >= 0`` q is the packed qkv tensor (k, v unused) and the result is
     (dqkv, empty, empty), dqkv one buffer of qkv's shape."""
-    kw = dict(coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-              key_padding_mask=key_padding_mask, scale=scale, skip_padded_queries=skip_padded_queries)
-    if fused_dim >= 0:
-        qkv = q
-        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-        rope_attention_bwd(dout, *qkv.unbind(fused_dim), out, lse, dq=dqkv.select(fused_dim, 0),
-                           dk=dqkv.select(fused_dim, 1), dv=dqkv.select(fused_dim, 2), **kw)
-        empty = qkv.new_empty(0)
+    args = AttnArgs(coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, skip_padded_queries,
+                    rope_k, key_ranges)
+    if qkv_dim >= 0:
+        dqkv = torch.empty_like(q, memory_format=torch.contiguous_format)
+        launch_bwd(dout, *q.unbind(qkv_dim), out, lse, args, *dqkv.unbind(qkv_dim))
+        empty = q.new_empty(0)
         return dqkv, empty, empty.clone()
-    dq, dk, dv = rope_attention_bwd(dout, q, k, v, out, lse, **kw)
-    return dq, dk, dv
+    return launch_bwd(dout, q, k, v, out, lse, args)
 
 
-def _bwd_fake(dout, q, k, v, out, lse, coords=None, freqs=None, rope_layout="interleaved", cu_seqlens=None,
-              max_seqlen=None, key_padding_mask=None, scale=None, skip_padded_queries=False, fused_dim=-1):
-    if fused_dim >= 0:
+def _fwd_fake(q, k, v, *rest):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _fwd_lse_fake(q, k, v, *rest):
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), lse_buffer(q)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, qkv_dim, *rest):
+    if qkv_dim >= 0:
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(0), q.new_empty(0)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-rope_attention_bwd_op = register_op("pevideo::rope_attention_bwd", _bwd_launcher, _bwd_fake)
-
-
-# --------------------------------------------------------------------------------------------------
-# autograd
-# --------------------------------------------------------------------------------------------------
-_KEYS = ("coords", "freqs", "rope_layout", "cu_seqlens", "max_seqlen", "key_padding_mask", "scale",
-         "skip_padded_queries")
+# What callers run (opaque custom ops under TRITON_INTERPRET, see register_op).
+fwd_op = register_op("pevideo::rope_attention", _fwd, _fwd_fake)
+fwd_lse_op = register_op("pevideo::rope_attention_lse", _fwd_lse, _fwd_lse_fake)
+bwd_op = register_op("pevideo::rope_attention_bwd", _bwd, _bwd_fake)
 
 
 class _RopeAttention(torch.autograd.Function):
+    """Inputs: q, k, v (or qkv, None, None with ``qkv_dim`` >= 0: q, k, v are its unbind(qkv_dim)), then
+    AttnArgs.op_args() of a resolved call."""
+
     @staticmethod
-    def forward(ctx, q, k, v, fused_dim, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask,
-                scale, skip_padded_queries):
-        if fused_dim >= 0:  # q is the fused qkv tensor
-            qq, kk, vv = q.unbind(fused_dim)
-        else:
-            qq, kk, vv = q, k, v
-        out, lse = rope_attention_fused_lse(qq, kk, vv, coords, freqs, rope_layout, cu_seqlens, max_seqlen,
-                                            key_padding_mask, scale, skip_padded_queries)
-        if fused_dim >= 0:
-            ctx.save_for_backward(q, out, lse, coords, freqs, cu_seqlens, key_padding_mask)
-        else:
-            ctx.save_for_backward(q, k, v, out, lse, coords, freqs, cu_seqlens, key_padding_mask)
-        ctx.fused_dim = fused_dim
-        ctx.args = (rope_layout, max_seqlen, scale, skip_padded_queries)
+    def forward(ctx, q, k, v, qkv_dim, *op_args):
+        qq, kk, vv = q.unbind(qkv_dim) if qkv_dim >= 0 else (q, k, v)
+        out, lse = fwd_lse_op(qq, kk, vv, *op_args)
+        args = AttnArgs(*op_args)
+        ctx.save_for_backward(q, k, v, out, lse, *args.tensors())
+        ctx.qkv_dim = qkv_dim
+        ctx.args = args.with_tensors(None, None, None, None, None)  # (its tensors are saved above)
         return out
 
     @staticmethod
     @once_differentiable  # (no double backward: create_graph=True through it raises, never silently wrong)
     def backward(ctx, dout):
-        rope_layout, max_seqlen, scale, skip_padded_queries = ctx.args
-        if ctx.fused_dim >= 0:
-            qkv, out, lse, coords, freqs, cu_seqlens, mask = ctx.saved_tensors
-            q = k = v = qkv
-        else:
-            q, k, v, out, lse, coords, freqs, cu_seqlens, mask = ctx.saved_tensors
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        args = ctx.args.with_tensors(*tensors)
         if dout.stride(-1) != 1 or 0 in dout.stride():  # e.g. the expanded gradient of out.sum()
             dout = dout.contiguous()
-        dq, dk, dv = rope_attention_bwd_op(dout, q, k, v, out, lse, coords, freqs, rope_layout, cu_seqlens,
-                                           max_seqlen, mask, scale, skip_padded_queries, ctx.fused_dim)
-        if ctx.fused_dim >= 0:
-            dk = dv = None
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        if ctx.qkv_dim >= 0:
+            dqkv, _, _ = bwd_op(dout, q, q, q, out, lse, ctx.qkv_dim, *args.op_args())
+            grads = (dqkv, None, None)
+        else:
+            grads = bwd_op(dout, q, k, v, out, lse, -1, *args.op_args())
+        return (*grads, None, *(None for _ in args.op_args()))
 
 
-def rope_attention_train(q, k, v, *, coords=None, freqs=None, rope_layout="interleaved", cu_seqlens=None,
-                         max_seqlen=None, key_padding_mask=None, scale=None, skip_padded_queries=False):
-    """The kernel path of :func:`pevideo_kernels.rope_attention` with autograd (already checked arguments):
-    gradients for q, k, v from the fused backward; none for ``coords`` or ``freqs``."""
-    fused = None
-    if not torch.compiler.is_compiling():  # (reading ._base is for eager autograd graphs)
-        fused = fused_qkv_view(q, k, v)
-    if fused is not None:
-        qkv, dim = fused
-        return _RopeAttention.apply(qkv, None, None, dim, coords, freqs, rope_layout, cu_seqlens, max_seqlen,
-                                    key_padding_mask, scale, skip_padded_queries)
-    return _RopeAttention.apply(q, k, v, -1, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask,
-                                scale, skip_padded_queries)
+def run(call: AttnCall) -> Tensor:
+    """The kernel path of one resolved call: the inference op, or with inputs requiring grad the autograd
+    Function (fused backward). A packed ``qkv`` is the Function's one input, so its gradient is one
+    qkv-shaped buffer handed to the projection as it is."""
+    q, k, v, args, qkv = call
+    inputs = (qkv,) if qkv is not None else (q, k, v)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        if qkv is not None:
+            return _RopeAttention.apply(qkv, None, None, qkv.dim() - 3, *args.op_args())
+        return _RopeAttention.apply(q, k, v, -1, *args.op_args())
+    return fwd_op(q, k, v, *args.op_args())
+
+
+def backward(dout, q, k, v, out, lse, args: AttnArgs, dq=None, dk=None, dv=None, block_m=None, block_n=None):
+    """The backward launch for :func:`pevideo_kernels.rope_attention_bwd` (into given buffers, if any)."""
+    return launch_bwd(dout, q, k, v, out, lse, args, dq, dk, dv, block_m, block_n)

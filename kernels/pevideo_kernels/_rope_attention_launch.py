@@ -1,42 +1,24 @@
-"""The host side of :mod:`pevideo_kernels.rope_attention`'s kernels: arguments, the per-forward RoPE
-pass, the launchers and their registration (``torch.ops.pevideo.rope_attention`` and
-``rope_attention_lse``, ``torch.library.triton_op``, so ``torch.compile`` traces the launches).
+"""The host side of rope_attention's kernels: the per-forward RoPE pass, the kernels' launch arguments
+(forward and backward), and the launchers, all taking one resolved :class:`AttnArgs`.
 
-``kernel_args`` is shared by the launchers and the ahead-of-time build check
-(``tests/_build_for_gpu.py``), so the latter compiles exactly what a launch would. Imports Triton (through
-:mod:`._rope_attention_triton`) unconditionally; :mod:`.rope_attention` imports it behind a guard.
+Imports Triton; inside the package only :mod:`._rope_attention_autograd` (the host entry, which the
+public module imports behind one guard) imports this module. ``kernel_args`` and ``bwd_kernel_args``
+are shared with the ahead-of-time build check (``tests/_build_for_gpu.py``), so that it compiles
+exactly what a launch would.
 """
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator, Optional
 
 import torch
 import triton
 
-from ._rope_attention_triton import CONFIG_SETS, TUNING_KEY, config_set, rope_attn_fwd, rope_rotate, rope_table, tuned_kernel
-from ._triton import LAUNCH, interpreting, register_op
+from ._rope_attention_args import ROPE_K_MODES, AttnArgs, key_ranges
+from ._rope_attention_bwd_triton import rope_attn_bwd_dkdv, rope_attn_bwd_dq
+from ._rope_attention_triton import rope_attn_fwd, rope_rotate, rope_table
+from ._rope_attention_tuning import FWD_LAUNCH, batch_bucket, bwd_configs, capturing, config_set, tracing, tuning_key
+from ._triton import LAUNCH, interpreting
 
-__all__ = ["rope_attention_fused", "rope_attention_fused_lse", "rope_attention_fwd", "rope_attention_fwd_lse",
-           "kernel_args", "rope_prepass", "rope_k_mode", "ROPE_K_MODES", "DEFAULT_ROPE_K",
-           # the kernels and their tuning, re-exported for the build check
-           "rope_attn_fwd", "rope_rotate", "rope_table", "tuned_kernel", "config_set", "CONFIG_SETS", "TUNING_KEY"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Host side: arguments, the launcher, its registration
-# --------------------------------------------------------------------------------------------------
-def _key_ranges(mask: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) bool -> (batch, 3) int32: first real key, last real key + 1, 1 if all keys in between
-    are real. On the mask's device, no host sync."""
-    n = mask.shape[1]
-    pos = torch.arange(1, n + 1, device=mask.device, dtype=torch.int32)
-    m = mask.to(torch.int32)
-    hi = (m * pos).amax(1)
-    lo = torch.where(mask, pos, n + 1).amin(1) - 1
-    count = m.sum(1, dtype=torch.int32)
-    contiguous = (count == hi - lo).to(torch.int32)
-    return torch.stack((lo.to(torch.int32), hi.to(torch.int32), contiguous), 1).contiguous()
+__all__ = ["launch_fwd", "launch_bwd", "kernel_args", "bwd_kernel_args", "rope_prepass", "lse_buffer",
+           "with_defaults"]
 
 
 def _next_pow2(n: int) -> int:
@@ -47,36 +29,22 @@ def _fast_trig(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and torch.version.hip is None
 
 
-# How K gets rotated (the kernel's ROPE_K), one host switch so that the candidates can be timed against
-# each other (bench/, on a GPU) and all stay tested (tests/test_rope_attention.py):
-#   loop       K tiles rotated in the inner loop, cos/sin recomputed per tile (for every query block);
-#   prerotate  one small pass (rope_rotate) writes rotated K to a scratch buffer, the loop is plain
-#              attention (K tiles can stream into shared memory with cp.async/TMA, no register work);
-#   table      one small pass (rope_table) writes per-token cos/sin in float32; the loop rotates K
-#              tiles with FMAs only.
-# Q is always rotated once per program, in its prologue; RoPE never leaves the op.
-ROPE_K_MODES = {"loop": 0, "prerotate": 1, "table": 2}
-# Default, chosen by reasoning (not yet measured): at head_dim 64 the loop is bound by the SFU (softmax's
-# exp2, ~MMA time per tile) and "loop" adds 2 SFU ops (cos, sin) per K pair per tile, ~+50% SFU work.
-# "table" moves that to ~6 FP32 FMAs per pair on the FP32 pipe, which has slack, and its pass writes only
-# 256 bytes per token (L2-friendly reads). "prerotate" empties the loop but its pass reads and writes all
-# of K once more (~2 x 1.2 MB per 577-token frame, ~15% of the frame's attention time at the goal rate).
-# The GPU run must time all three on the frame shape (pass included) and keep the fastest.
-DEFAULT_ROPE_K = "table"
-_ROPE_K = [DEFAULT_ROPE_K]
+def _on_cpu(q: torch.Tensor) -> bool:
+    return interpreting() and q.device.type == "cpu"
 
 
-@contextmanager
-def rope_k_mode(mode: str) -> Iterator[None]:
-    """Launches inside use ``mode`` (one of ROPE_K_MODES) to rotate K; restores the previous one on exit."""
-    if mode not in ROPE_K_MODES:
-        raise ValueError(f"rope_k mode must be one of {tuple(ROPE_K_MODES)}, got {mode!r}")
-    before = _ROPE_K[0]
-    _ROPE_K[0] = mode
-    try:
-        yield
-    finally:
-        _ROPE_K[0] = before
+def with_defaults(q: torch.Tensor, args: AttnArgs) -> AttnArgs:
+    """``args`` with what a direct call of the registered ops may leave out filled in (``bind`` resolves all
+    of it already): the scale, ``max_seqlen`` (a host sync), the mode, the mask's key ranges."""
+    if args.scale is None:
+        args = args._replace(scale=q.shape[-1] ** -0.5)
+    if args.cu_seqlens is not None and args.max_seqlen is None:
+        args = args._replace(max_seqlen=int((args.cu_seqlens[1:] - args.cu_seqlens[:-1]).max()))  # host sync
+    if args.rope_k is None:
+        args = args._replace(rope_k="loop")
+    if args.key_padding_mask is not None and args.key_ranges is None:
+        args = args._replace(key_ranges=key_ranges(args.key_padding_mask))
+    return args
 
 
 def rope_prepass(mode, k, coords, freqs, rope_layout, cu_seqlens):
@@ -113,190 +81,196 @@ def rope_prepass(mode, k, coords, freqs, rope_layout, cu_seqlens):
     return k, (out[0] if packed else out.expand(nb, seq, 2, block_h)), launch
 
 
-def _shared_args(q, coords, freqs, rope_layout, cu_seqlens, key_padding_mask, seqlen_q, seqlen_k,
-                skip_padded_queries):
-    """What the forward kernel and both backward kernels take alike, for checked inputs:
-    ``(strides, (c, f, cu, m, ranges), (*sc, *sm), flags)``.
+def _shared_args(q, args: AttnArgs, seqlen_q, seqlen_k):
+    """What the forward kernel and both backward kernels take alike: ``(strides, (c, f, cu, m, ranges),
+    (*sc, *sm), flags)``.
 
     ``strides(t)``: t's (batch, token, head) strides as the kernels take them; packed tensors have no
     batch dim, so their token stride stands in (the kernels' row0 is then a token, see ``_row_start``).
     ``c``: coords (or the cos/sin table "table" mode made of them), ``sc`` its (batch, token, axis)
     strides; ``m``, ``sm``, ``ranges``: the key-padding mask as bytes, its strides, each row's real-key
-    span (``_key_ranges``); ``cu``: cu_seqlens. ``flags``: the constexpr flags the kernels share.
+    span; ``cu``: cu_seqlens. ``flags``: the constexpr flags the kernels share.
     """
-    packed = cu_seqlens is not None
+    packed = args.cu_seqlens is not None
     d = q.shape[-1]
 
     def strides(t):
         return (t.stride(0), *t.stride()[:2]) if packed else tuple(t.stride()[:3])
 
-    has_rope = coords is not None
-    has_mask = key_padding_mask is not None
+    has_rope = args.coords is not None
+    has_mask = args.key_padding_mask is not None
     dummy = q  # stands in for absent pointers; never read (the matching flag is off)
     if has_rope:
-        c, f, sc = coords, freqs.contiguous(), strides(coords)  # (coords, or cos/sin table rows)
+        c, f, sc = args.coords, args.freqs.contiguous(), strides(args.coords)  # (coords, or cos/sin table rows)
     else:
         c, f, sc = dummy, dummy, (0, 0, 0)
     if has_mask:
-        m = key_padding_mask.view(torch.uint8)
+        m = args.key_padding_mask.view(torch.uint8)
         sm = tuple(m.stride())
-        ranges = _key_ranges(key_padding_mask)
+        ranges = args.key_ranges
     else:
         m, ranges, sm = dummy, dummy, (0, 0)
-    cu = cu_seqlens.contiguous() if packed else dummy  # read as a flat array
+    cu = args.cu_seqlens.contiguous() if packed else dummy  # read as a flat array
     flags = dict(
         HEAD_DIM=d, BLOCK_D=max(16, _next_pow2(d)), BLOCK_H=max(16, _next_pow2(d // 2)) if has_rope else 16,
-        HAS_ROPE=has_rope, INTERLEAVED=rope_layout == "interleaved", IS_PACKED=packed,
-        HAS_MASK=has_mask, ZERO_PAD_Q=has_mask and seqlen_q == seqlen_k and bool(skip_padded_queries),
+        HAS_ROPE=has_rope, INTERLEAVED=args.rope_layout == "interleaved", IS_PACKED=packed,
+        HAS_MASK=has_mask, ZERO_PAD_Q=has_mask and seqlen_q == seqlen_k and bool(args.skip_padded_queries),
         FAST_TRIG=_fast_trig(q),
         IEEE_DOT=q.dtype == torch.float32,
     )
     return strides, (c, f, cu, m, ranges), (*sc, *sm), flags
 
 
-def kernel_args(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out,
-                 skip_padded_queries=False, rope_k="loop", lse=None):
-    """The kernel's arguments for these (checked) inputs: (args, flags, nbatch, seqlen_q, seqlen_k, hq).
+def _sizes(q, k, args: AttnArgs):
+    """(nbatch, seqlen_q, seqlen_k): segments and the longest one packed, else the batched shape."""
+    if args.cu_seqlens is not None:
+        return args.cu_seqlens.numel() - 1, int(args.max_seqlen), int(args.max_seqlen)
+    return q.shape[0], q.shape[1], k.shape[1]
 
-    ``rope_k``: a ROPE_K_MODES key; for "prerotate" / "table", ``k`` / ``coords`` are what
-    :func:`rope_prepass` returned. ``lse``: where to store the float32 log-sum-exp per (row, head) for
-    the backward (shape ``q.shape[:-1]``, any strides); None (inference) compiles the store out.
 
-    Shared by the launcher and by the ahead-of-time build check (tests/_build_for_gpu.py), so the latter
-    compiles exactly what a launch would.
-    """
-    packed = cu_seqlens is not None
+def kernel_args(q, k, v, args: AttnArgs, out, lse=None):
+    """The forward kernel's arguments: (args, flags, nbatch, seqlen_q, seqlen_k, hq), for a resolved
+    ``args`` (``with_defaults``) whose k / coords are what :func:`rope_prepass` returned for its mode.
+    ``lse``: where to store the float32 log-sum-exp per (row, head) for the backward (shape
+    ``q.shape[:-1]``, any strides); None (inference) compiles the store out."""
     hq, hkv = q.shape[-2], k.shape[-2]
-    if packed:
-        nbatch = cu_seqlens.numel() - 1
-        seqlen_q = seqlen_k = int(max_seqlen)
-    else:
-        nbatch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
-    strides, (c, f, cu, m, ranges), sc_sm, flags = _shared_args(
-        q, coords, freqs, rope_layout, cu_seqlens, key_padding_mask, seqlen_q, seqlen_k, skip_padded_queries)
+    nbatch, seqlen_q, seqlen_k = _sizes(q, k, args)
+    strides, (c, f, cu, m, ranges), sc_sm, flags = _shared_args(q, args, seqlen_q, seqlen_k)
     sl = strides(lse) if lse is not None else (0, 0, 0)
-    qk_scale = float(scale) * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
-    bucket_q, bucket_k = _next_pow2(max(seqlen_q, 16)), _next_pow2(max(seqlen_k, 16))
-    args = (
+    qk_scale = float(args.scale) * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    kargs = (
         q, k, v, out, out if lse is None else lse, c, f, cu, m, ranges,
         seqlen_q, seqlen_k, hq // hkv, qk_scale,
         *strides(q), *strides(k), *strides(v), *strides(out), *sl, *sc_sm,
-        bucket_q, bucket_k,
+        _next_pow2(max(seqlen_q, 16)), _next_pow2(max(seqlen_k, 16)), batch_bucket(nbatch),
     )
-    flags.update(ROPE_K=ROPE_K_MODES[rope_k] if flags["HAS_ROPE"] else 0, BLOCK_N_TAIL=16,
+    flags.update(ROPE_K=ROPE_K_MODES[args.rope_k] if flags["HAS_ROPE"] else 0, BLOCK_N_TAIL=16,
                  STORE_LSE=lse is not None)
-    return args, flags, nbatch, seqlen_q, seqlen_k, hq
+    return kargs, flags, nbatch, seqlen_q, seqlen_k, hq
 
 
-def rope_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    coords: Optional[torch.Tensor] = None,
-    freqs: Optional[torch.Tensor] = None,
-    rope_layout: str = "interleaved",
-    cu_seqlens: Optional[torch.Tensor] = None,
-    max_seqlen: Optional[int] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    skip_padded_queries: bool = False,
-) -> torch.Tensor:
-    """The kernel path of :func:`pevideo_kernels.rope_attention` (same arguments, already checked).
-
-    Allocates ``out`` (q's leading shape, v's head_dim, contiguous) and launches the kernel into it.
-    Packed mode: ``max_seqlen`` None costs a host sync (pass it under ``torch.compile``); when given it
-    must be at least the longest segment. Padded mode adds a few small device ops (each row's range of
-    real keys) and no host sync.
-    """
-    return _launch_fwd(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale,
-                       skip_padded_queries, False)[0]
-
-
-def rope_attention_fwd_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    coords: Optional[torch.Tensor] = None,
-    freqs: Optional[torch.Tensor] = None,
-    rope_layout: str = "interleaved",
-    cu_seqlens: Optional[torch.Tensor] = None,
-    max_seqlen: Optional[int] = None,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    skip_padded_queries: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rope_attention_fwd` that also returns the log-sum-exp the backward needs: ``(out, lse)``.
-
-    ``lse``: float32, shape ``q.shape[:-1]``, a view of a head-major buffer ((heads, tokens) packed,
-    (batch, heads, seq) batched: the kernel's stores are then contiguous). Natural log of the sum of
-    exp(scaled scores) over the row's real keys; rows the kernel does not compute hold -inf or garbage.
-    """
-    return _launch_fwd(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale,
-                       skip_padded_queries, True)
-
-
-def _lse_buffer(q: torch.Tensor) -> torch.Tensor:
-    """A float32 ``q.shape[:-1]`` view of a head-major buffer."""
+def lse_buffer(q: torch.Tensor) -> torch.Tensor:
+    """A float32 ``q.shape[:-1]`` view of a head-major buffer (the kernel's stores are then contiguous)."""
     if q.dim() == 3:
         return torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device).t()
     return torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device).permute(0, 2, 1)
 
 
-def _launch_fwd(q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale,
-                skip_padded_queries, with_lse):
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    packed = cu_seqlens is not None
-    if packed and max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync; pass max_seqlen to avoid it
+def launch_fwd(q, k, v, args: AttnArgs, with_lse: bool):
+    """Allocate ``out`` (q's leading shape, v's head_dim, contiguous) and, ``with_lse``, the log-sum-exp;
+    launch the forward (and its mode's per-forward pass). Returns (out, lse or None)."""
+    args = with_defaults(q, args)
     out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
     if LAUNCH.poison:
         out.fill_(float("nan"))  # (pevideo_kernels.testing.poison_outputs) rows the kernel skips show up
-    lse = _lse_buffer(q) if with_lse else None
+    lse = lse_buffer(q) if with_lse else None
     if lse is not None and LAUNCH.poison:
         lse.fill_(float("nan"))  # rows the kernel does not compute are never read by the backward either
-    if out.numel() == 0 or (int(max_seqlen) if packed else q.shape[1]) == 0:
+    nbatch, seqlen_q, seqlen_k = _sizes(q, k, args)
+    if out.numel() == 0 or seqlen_q == 0:
         return out, lse
-    if not packed and k.shape[1] == 0:
+    if seqlen_k == 0:
         return out.zero_(), lse
-    mode = _ROPE_K[0]
-    k, coords, launch = rope_prepass(mode, k, coords, freqs, rope_layout, cu_seqlens)
-    args, flags, nbatch, seqlen_q, _, hq = kernel_args(
-        q, k, v, coords, freqs, rope_layout, cu_seqlens, max_seqlen, key_padding_mask, scale, out, skip_padded_queries,
-        mode, lse,
-    )
-    if launch is not None:
-        pre, pre_grid, pre_args, pre_flags = launch
-        if interpreting() and q.device.type == "cpu":
-            pre[pre_grid](*pre_args, **pre_flags)
-        else:
-            with torch.cuda.device(q.device):
-                torch.library.wrap_triton(pre)[pre_grid](*pre_args, **pre_flags)
+    k2, c2, pre = rope_prepass(args.rope_k, k, args.coords, args.freqs, args.rope_layout, args.cu_seqlens)
+    kargs, flags, nbatch, seqlen_q, _, hq = kernel_args(q, k2, v, args._replace(coords=c2), out, lse)
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * nbatch, hq)
 
-    if interpreting() and q.device.type == "cpu":
-        # Called as is: the interpreter's kernels cannot be traced (the op is opaque there).
+    if _on_cpu(q):  # the interpreter's kernels cannot be traced (the registered op is opaque there)
+        if pre is not None:
+            pre[0][pre[1]](*pre[2], **pre[3])
         bm, bn = LAUNCH.interpret_blocks
-        rope_attn_fwd[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
-    else:
-        kernel = tuned_kernel(config_set(args[-2], flags["BLOCK_D"], q.dtype == torch.float32))
-        with torch.cuda.device(q.device):
-            torch.library.wrap_triton(kernel)[grid](*args, **flags)  # lets torch.compile trace the launch
+        rope_attn_fwd[grid](*kargs, **flags, BLOCK_M=bm, BLOCK_N=bn)
+        return out, lse
+    name = config_set(kargs[-3], flags["BLOCK_D"], q.dtype == torch.float32, args.rope_k)
+    with torch.cuda.device(q.device):  # wrap_triton: torch.compile traces the launches (registered op)
+        if pre is not None:
+            torch.library.wrap_triton(pre[0])[pre[1]](*pre[2], **pre[3])
+        FWD_LAUNCH[name](grid, kargs, flags, tuning_key(name, kargs, flags, q.dtype), capturing=capturing(q),
+                         tracing=tracing(q))
     return out, lse
 
 
-def _fake(q, k, v, coords=None, freqs=None, rope_layout="interleaved", cu_seqlens=None, max_seqlen=None,
-          key_padding_mask=None, scale=None, skip_padded_queries=False):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
 
 
-def _fake_lse(q, k, v, coords=None, freqs=None, rope_layout="interleaved", cu_seqlens=None, max_seqlen=None,
-              key_padding_mask=None, scale=None, skip_padded_queries=False):
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), _lse_buffer(q)
+def bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, args: AttnArgs, block_m=None, block_n=None,
+                    on_cpu=False):
+    """The backward's launches, for a resolved ``args``: (passes, dQ launch, dK/dV launches). ``passes``:
+    with RoPE, the two ``rope_rotate`` launches (kernel, grid, args, flags) that write rotated q and k to
+    scratch buffers, which the kernels then read (rotating tiles inside their loops costs ~100 registers
+    per thread); each kernel launch is (args, (constexpr flags, launch options), grid). Past head_dim 64
+    the dK/dV kernel runs as two launches, dV then dK (its PART flag): one program's two float32
+    accumulators would not fit in registers beside the tiles."""
+    hq, hkv = q.shape[-2], k.shape[-2]
+    nbatch, seqlen_q, seqlen_k = _sizes(q, k, args)
+    strides, (c, f, cu, m, ranges), sc_sm, flags = _shared_args(q, args, seqlen_q, seqlen_k)
+    passes = []
+    if args.coords is not None:  # rotated once, read by both kernels; freed with the launch
+        q, _, pre_q = rope_prepass("prerotate", q, args.coords, args.freqs, args.rope_layout, args.cu_seqlens)
+        k, _, pre_k = rope_prepass("prerotate", k, args.coords, args.freqs, args.rope_layout, args.cu_seqlens)
+        passes = [pre_q, pre_k]
+    if on_cpu:  # (pevideo_kernels.testing.interpreter_blocks)
+        cfg_q = cfg_k = (*LAUNCH.interpret_blocks, None, None)
+    else:
+        cfg_q, cfg_k = bwd_configs(v.shape[-1], q.dtype == torch.float32)
+    if block_m or block_n:
+        cfg_q = (block_m or cfg_q[0], block_n or cfg_q[1], *cfg_q[2:])
+        cfg_k = (block_m or cfg_k[0], block_n or cfg_k[1], *cfg_k[2:])
+    for bm, bn, _, _ in (cfg_q, cfg_k):
+        if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
+            raise ValueError(f"block sizes must be powers of two >= 16, got ({bm}, {bn})")
+    conf_q = (dict(flags, BLOCK_M=cfg_q[0], BLOCK_N=cfg_q[1]),
+              {} if on_cpu else dict(num_warps=cfg_q[2], num_stages=cfg_q[3]))
+    parts = (0,) if v.shape[-1] <= 64 and q.dtype != torch.float32 else (1, 2)
+    conf_k = [(dict(flags, BLOCK_M=cfg_k[0], BLOCK_N=cfg_k[1], PART=part),
+               {} if on_cpu else dict(num_warps=cfg_k[2], num_stages=cfg_k[3])) for part in parts]
+    common = (seqlen_q, seqlen_k, hq // hkv, float(args.scale))
+    dq_args = (
+        q, k, v, out, dout, lse, delta, dq, c, f, cu, m, ranges, *common,
+        *strides(q), *strides(k), *strides(v), *strides(out), *strides(dout), *strides(lse), *strides(delta),
+        *strides(dq), *sc_sm,
+    )
+    dkdv_args = (
+        q, k, v, dout, lse, delta, dk, dv, c, f, cu, m, ranges, *common,
+        *strides(q), *strides(k), *strides(v), *strides(dout), *strides(lse), *strides(delta),
+        *strides(dk), *strides(dv), *sc_sm,
+    )
+    # dQ programs own BLOCK_M queries and stream keys; dK/dV programs own BLOCK_N keys and stream queries.
+    grid_q = (_cdiv(seqlen_q, cfg_q[0]) * nbatch, hq)
+    grid_k = (_cdiv(seqlen_k, cfg_k[1]) * nbatch, hkv)
+    return passes, (dq_args, conf_q, grid_q), [(dkdv_args, conf, grid_k) for conf in conf_k]
 
 
-# What callers run: torch.ops.pevideo.rope_attention (opaque under TRITON_INTERPRET, see register_op).
-rope_attention_fused = register_op("pevideo::rope_attention", rope_attention_fwd, _fake)
-# The training forward (out, lse); the autograd wiring is in ._rope_attention_autograd.
-rope_attention_fused_lse = register_op("pevideo::rope_attention_lse", rope_attention_fwd_lse, _fake_lse)
+def launch_bwd(dout, q, k, v, out, lse, args: AttnArgs, dq=None, dk=None, dv=None, block_m=None, block_n=None):
+    """(dq, dk, dv) for checked inputs: allocated where not given, every element written."""
+    args = with_defaults(q, args)
+    dq, dk, dv = (torch.empty_like(x) if g is None else g for x, g in ((q, dq), (k, dk), (v, dv)))
+    if LAUNCH.poison:  # (pevideo_kernels.testing.poison_outputs) so that unwritten elements show up
+        for g in (dq, dk, dv):
+            g.fill_(float("nan"))
+    _, seqlen_q, seqlen_k = _sizes(q, k, args)
+    if q.numel() == 0 and k.numel() == 0:
+        return dq, dk, dv
+    if seqlen_k == 0 or seqlen_q == 0:  # nothing attends (an empty key or query side): all gradients 0
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    on_cpu = _on_cpu(q)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # rowsum(dO * O), from the dQ kernel
+    passes, (dq_args, (dq_flags, dq_opts), grid_q), dkdv = bwd_kernel_args(
+        dout, q, k, v, out, lse, dq, dk, dv, delta, args, block_m, block_n, on_cpu)
+    if on_cpu:
+        for kernel, grid, pargs, pflags in passes:
+            kernel[grid](*pargs, **pflags)
+        rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags)
+        for kargs, (kflags, _), grid_k in dkdv:  # (they read the dQ kernel's delta)
+            rope_attn_bwd_dkdv[grid_k](*kargs, **kflags)
+    else:
+        with torch.cuda.device(q.device):  # wrap_triton: torch.compile traces the launches (registered op)
+            for kernel, grid, pargs, pflags in passes:
+                torch.library.wrap_triton(kernel)[grid](*pargs, **pflags)
+            torch.library.wrap_triton(rope_attn_bwd_dq)[grid_q](*dq_args, **dq_flags, **dq_opts)
+            for kargs, (kflags, kopts), grid_k in dkdv:
+                torch.library.wrap_triton(rope_attn_bwd_dkdv)[grid_k](*kargs, **kflags, **kopts)
+    return dq, dk, dv

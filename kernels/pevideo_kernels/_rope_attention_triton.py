@@ -1,9 +1,8 @@
-"""The Triton kernels of :mod:`pevideo_kernels.rope_attention` and their autotuning config sets.
+"""The forward Triton kernels of :mod:`pevideo_kernels.rope_attention` (and the per-forward RoPE passes).
 
-Imports Triton unconditionally; the host side (arguments, launchers, their registration as
-``torch.ops.pevideo.*``) is :mod:`._rope_attention_launch`, which :mod:`.rope_attention` imports once,
-inside a guarded try, so ``import pevideo_kernels`` never fails without Triton. ``rope_attn_fwd``,
-``config_set`` and ``CONFIG_SETS`` are what ``tests/_build_for_gpu.py`` compiles ahead of time.
+Imports Triton unconditionally; only the host side (:mod:`._rope_attention_launch`) imports it, and the
+public module reaches that through one guarded import. ``tests/_build_for_gpu.py`` compiles these
+kernels ahead of time with the arguments a launch passes.
 
 Layout of the work: one program per (query block, segment or batch row) on grid axis 0 -- query
 blocks of one segment are neighbours, so they share its K/V tiles in L2 -- and one per query head on
@@ -13,13 +12,18 @@ coordinates and the frequency table in float32; Q is rotated in each program's p
 ``ROPE_K_MODES`` says (in the loop, from a per-forward scratch copy, or from a per-forward cos/sin
 table). Rotated q and k tiles hold their pairs interleaved, so QKᵀ is one dot with K = head_dim. A
 ragged last stretch of keys runs in narrow BLOCK_N_TAIL tiles.
+
+64-bit offsets: a product of a token index and a stride passes 2^31 at ~700K packed tokens of a fused
+qkv (stride 3072). Every block start (segment, query block, key tile, batch row, head) is folded into
+a 64-bit base pointer; only offsets inside one tile (< 256 rows, the host keeps token strides below
+``MAX_TOKEN_STRIDE``) stay 32-bit, so the inner loop's address math is not widened.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-__all__ = ["rope_attn_fwd", "rope_rotate", "rope_table", "tuned_kernel", "config_set", "CONFIG_SETS", "TUNING_KEY"]
+__all__ = ["rope_attn_fwd", "rope_rotate", "rope_table"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,7 +175,7 @@ def _attn_tile(
     if MASK_N:
         n_ok = (start_n + offs_n) < hi
         if LOAD_MASK:
-            real = tl.load(Mrow + (start_n + offs_n) * stride_mt, mask=n_ok, other=0)
+            real = tl.load(Mrow + n64 * stride_mt + offs_n * stride_mt, mask=n_ok, other=0)
             n_ok = n_ok & (real != 0)
         n_in = n_ok
     else:
@@ -261,7 +265,7 @@ def rope_attn_fwd(
     stride_lb, stride_lt, stride_lh,
     stride_cb, stride_ct, stride_cd,
     stride_mb, stride_mt,
-    bucket_q, bucket_k,  # autotuning keys only
+    bucket_q, bucket_k, bucket_b,  # autotuning keys only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, IS_PACKED: tl.constexpr,
@@ -269,7 +273,7 @@ def rope_attn_fwd(
     ROPE_K: tl.constexpr, BLOCK_N_TAIL: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     bid = pid // num_m
     start_m = (pid % num_m) * BLOCK_M
@@ -279,31 +283,34 @@ def rope_attn_fwd(
     if IS_PACKED:
         if start_m >= len_q:  # past this segment's end (or an empty segment): nothing to do
             return
-    Qh = Q + row0 * stride_qb + head * stride_qh
+    m64 = start_m.to(tl.int64)
+    # Bases at this program's first query row (64-bit); offsets inside the block stay 32-bit.
+    Qh = Q + row0 * stride_qb + m64 * stride_qt + head * stride_qh
     Kh = K + row0 * stride_kb + kv_head * stride_kh
     Vh = V + row0 * stride_vb + kv_head * stride_vh
-    Oh = O + row0 * stride_ob + head * stride_oh
-    Lh = LSE + row0 * stride_lb + head * stride_lh
-    Ch = C + row0 * stride_cb
+    Oh = O + row0 * stride_ob + m64 * stride_ot + head * stride_oh
+    Lh = LSE + row0 * stride_lb + m64 * stride_lt + head * stride_lh
+    Ch = C + row0 * stride_cb  # (K tiles' coordinates; the block's own: Cq)
+    Cq = Ch + m64 * stride_ct
     Mrow = MASK + bid.to(tl.int64) * stride_mb
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)  # rows of the block
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < len_q
+    m_ok = (start_m + offs_r) < len_q
     d_ok = offs_d < HEAD_DIM
     if ZERO_PAD_Q:
         # Self-attention with padding: padded query rows give zeros; a block of them exits here.
-        q_real = tl.load(Mrow + offs_m * stride_mt, mask=m_ok, other=0) != 0
+        q_real = tl.load(Mrow + m64 * stride_mt + offs_r * stride_mt, mask=m_ok, other=0) != 0
         if tl.max(q_real.to(tl.int32), 0) == 0:
             tl.store(
-                Oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                Oh + offs_r[:, None] * stride_ot + offs_d[None, :],
                 tl.zeros([BLOCK_M, BLOCK_D], dtype=O.dtype.element_ty),
                 mask=m_ok[:, None] & d_ok[None, :],
             )
             return
 
     dt = Q.dtype.element_ty
-    q_rows = Qh + offs_m[:, None] * stride_qt
+    q_rows = Qh + offs_r[:, None] * stride_qt
     q_ok = m_ok
     if ZERO_PAD_Q:
         q_ok = q_ok & q_real  # padded rows are zeroed at the end; do not even read them
@@ -311,7 +318,7 @@ def rope_attn_fwd(
         # Angles do not depend on the head: f0..f2 hold each pair's frequency per axis.
         f0, f1, f2 = _freqs(FREQ, HEAD_DIM, BLOCK_H)
         # Q is rotated once, here (with ROPE_K 2 from the same cos/sin table as K).
-        q = _rope_tile(q_rows, q_ok, Ch + offs_m * stride_ct, f0, f1, f2, stride_cd,
+        q = _rope_tile(q_rows, q_ok, Cq + offs_r * stride_ct, f0, f1, f2, stride_cd,
                        HEAD_DIM, BLOCK_H, INTERLEAVED, ROPE_K == 2, FAST_TRIG, dt)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
@@ -356,7 +363,7 @@ def rope_attn_fwd(
     # Output pointers are built only now: a (BLOCK_M, BLOCK_D) block of 64-bit addresses kept live
     # across the loop would cost ~128 registers per thread.
     tl.store(
-        Oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        Oh + offs_r[:, None] * stride_ot + offs_d[None, :],
         out.to(O.dtype.element_ty),
         mask=m_ok[:, None] & d_ok[None, :],
     )
@@ -365,20 +372,23 @@ def rope_attn_fwd(
         # with no real key store -inf; the backward never reads them (nor skipped padded rows).
         has_key = l_i > 0.0
         lse = (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453
-        tl.store(Lh + offs_m * stride_lt, tl.where(has_key, lse, float("-inf")), mask=m_ok)
+        tl.store(Lh + offs_r * stride_lt, tl.where(has_key, lse, float("-inf")), mask=m_ok)
 
 
 @triton.jit
 def _pass_cs(C, FREQ, seqlen, stride_cb, stride_ct, stride_cd,
              HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, FAST_TRIG: tl.constexpr):
-    """The per-forward passes' common prologue, for the program (BLOCK_T tokens, batch row):
-    (batch row as int64, token offsets, which are in range, cos, sin) of those tokens' angles."""
+    """The per-forward passes' common prologue, for the program (BLOCK_T tokens, batch row): (batch row,
+    first token -- both int64: packed, the token index runs over all tokens --, offsets of the block's
+    tokens from it, which are in range, cos, sin) of those tokens' angles."""
     b64 = tl.program_id(1).to(tl.int64)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = offs_t < seqlen
+    t64 = tl.program_id(0).to(tl.int64) * BLOCK_T
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = (t64 + offs_t) < seqlen
     f0, f1, f2 = _freqs(FREQ, HEAD_DIM, BLOCK_H)
-    c, s = _angles_cs(C + b64 * stride_cb + offs_t * stride_ct, t_ok, f0, f1, f2, stride_cd, FAST_TRIG)
-    return b64, offs_t, t_ok, c, s
+    c, s = _angles_cs(C + b64 * stride_cb + t64 * stride_ct + offs_t * stride_ct, t_ok, f0, f1, f2, stride_cd,
+                      FAST_TRIG)
+    return b64, t64, offs_t, t_ok, c, s
 
 
 @triton.jit
@@ -394,16 +404,17 @@ def rope_rotate(
     """ROPE_K 1's per-forward pass: X (batch, seqlen, heads, HEAD_DIM) rotated into OUT (batch, seqlen,
     heads, 2 * BLOCK_H), laid out as ``_rope_tile`` returns it. One program per (BLOCK_T tokens, batch
     row); cos/sin computed once for all heads."""
-    b64, offs_t, t_ok, c, s = _pass_cs(C, FREQ, seqlen, stride_cb, stride_ct, stride_cd,
-                                       HEAD_DIM, BLOCK_T, BLOCK_H, FAST_TRIG)
+    b64, t64, offs_t, t_ok, c, s = _pass_cs(C, FREQ, seqlen, stride_cb, stride_ct, stride_cd,
+                                            HEAD_DIM, BLOCK_T, BLOCK_H, FAST_TRIG)
     offs_r = tl.arange(0, 2 * BLOCK_H)
     dt = OUT.dtype.element_ty
+    Xb = X + b64 * stride_xb + t64 * stride_xt
+    Ob = OUT + b64 * stride_ob + t64 * stride_ot
     for h in range(nheads):
-        xa, xb = _load_pairs(X + b64 * stride_xb + h * stride_xh + offs_t[:, None] * stride_xt, t_ok,
-                             HEAD_DIM, BLOCK_H, INTERLEAVED)
+        h64 = tl.cast(h, tl.int64)
+        xa, xb = _load_pairs(Xb + h64 * stride_xh + offs_t[:, None] * stride_xt, t_ok, HEAD_DIM, BLOCK_H, INTERLEAVED)
         r = tl.reshape(tl.join((xa * c - xb * s).to(dt), (xa * s + xb * c).to(dt)), (BLOCK_T, 2 * BLOCK_H))
-        tl.store(OUT + b64 * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + offs_r[None, :], r,
-                 mask=t_ok[:, None])
+        tl.store(Ob + h64 * stride_oh + offs_t[:, None] * stride_ot + offs_r[None, :], r, mask=t_ok[:, None])
 
 
 @triton.jit
@@ -417,59 +428,9 @@ def rope_table(
     """ROPE_K 2's per-forward pass: OUT[b, t, 0, :] = cos, OUT[b, t, 1, :] = sin (float32, BLOCK_H wide;
     pairs past HEAD_DIM / 2 get cos 1, sin 0) of each token's angles. One program per (BLOCK_T tokens,
     batch row of distinct coordinates)."""
-    b64, offs_t, t_ok, c, s = _pass_cs(C, FREQ, seqlen, stride_cb, stride_ct, stride_cd,
-                                       HEAD_DIM, BLOCK_T, BLOCK_H, FAST_TRIG)
+    b64, t64, offs_t, t_ok, c, s = _pass_cs(C, FREQ, seqlen, stride_cb, stride_ct, stride_cd,
+                                            HEAD_DIM, BLOCK_T, BLOCK_H, FAST_TRIG)
     offs_h = tl.arange(0, BLOCK_H)
-    op = OUT + b64 * stride_ob + offs_t[:, None] * stride_ot + offs_h[None, :]
+    op = OUT + b64 * stride_ob + t64 * stride_ot + offs_t[:, None] * stride_ot + offs_h[None, :]
     tl.store(op, c, mask=t_ok[:, None])
     tl.store(op + stride_os, s, mask=t_ok[:, None])
-
-
-# Autotuning (CUDA only): one small config set per class of problem, picked on the host (no
-# prune hook, which torch.compile's handling of user kernels may not honour). Configs are checked
-# for register spills, built as a launch builds them, by tests/_build_for_gpu.py (sm_90, every ROPE_K
-# candidate on the frame and temporal shapes). Large BLOCK_M first where it fits: each program
-# rotates (or reads cos/sin for) its K tiles, so taller query blocks amortize that over more rows.
-CONFIG_SETS = {
-    # one or a few queries per row (attention pooling; short temporal clips)
-    "q16": [(16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 3), (16, 64, 8, 3)],
-    "q32": [(32, 32, 4, 3), (16, 32, 4, 3), (64, 32, 8, 3)],
-    "d64": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
-    # head_dim 96/128: the K tile's rotation temporaries (4 fp32 (BLOCK_N, head_dim/2) arrays)
-    # dominate registers, so narrow K tiles and 8 warps
-    "d128": [(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
-    "d256": [(64, 32, 8, 2), (64, 16, 8, 2), (64, 16, 4, 2), (32, 16, 8, 2)],
-    # float32 inputs use full-precision (non tensor-core) dots: small tiles only
-    "f32": [(32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2), (64, 16, 8, 2)],
-}
-_TUNED = {}
-# The autotuning key: per-segment lengths bucketed to powers of two (not the token count), so 64 and
-# 256 frames of 577 tokens share one tuning; dtypes are added by Triton.
-TUNING_KEY = ["HEAD_DIM", "bucket_q", "bucket_k", "HAS_ROPE", "IS_PACKED", "HAS_MASK", "ROPE_K"]
-
-
-def tuned_kernel(name: str):
-    """The kernel autotuned over config set ``name`` (built once per set)."""
-    if name not in _TUNED:
-        _TUNED[name] = triton.autotune(
-            configs=[
-                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                for bm, bn, w, st in CONFIG_SETS[name]
-            ],
-            key=TUNING_KEY,  # (ROPE_K: the candidates tune apart)
-            # Tuned configs persist in Triton's cache dir, keyed by kernel source, key values and configs:
-            # a new process (or a new batch size in the same bucket) does not tune again.
-            cache_results=True,
-        )(rope_attn_fwd)
-    return _TUNED[name]
-
-
-def config_set(bucket_q: int, block_d: int, fp32: bool) -> str:
-    """Which of CONFIG_SETS a launch autotunes over."""
-    if fp32:
-        return "f32"
-    if bucket_q <= 16:
-        return "q16"
-    if bucket_q <= 32:
-        return "q32"
-    return "d64" if block_d <= 64 else "d128" if block_d <= 128 else "d256"

@@ -3,15 +3,17 @@
 One memory-bound pass: read uint8 (or float) frames in any layout, rescale and normalize per channel,
 write (frame, patch, (c, kh, kw)) rows in the model's dtype.
 
-The op's interface (:data:`PATCHIFY`, all taking :func:`patchify_normalize`'s arguments):
-``patchify_check_args`` (ValueError on bad arguments, frame_index values included),
-``patchify_unsupported_reason`` (None if the kernel can serve them), ``patchify_normalize_fused``
-(the Triton kernel, in ``_patchify_triton``, registered as ``torch.ops.pevideo.patchify_normalize``)
-and ``patchify_normalize_ref`` (the plain PyTorch definition beside it).
+The op's interface (:data:`PATCHIFY`, a :class:`KernelOp`): its ``resolve`` checks
+:func:`patchify_normalize`'s arguments (``patchify_check_args``: ValueError on bad arguments,
+frame_index values included) into a :class:`PatchifyCall`; ``patchify_unsupported_reason`` (None if
+the kernel can serve them), ``patchify_normalize_fused`` (the Triton kernel, in ``_patchify_triton``,
+registered as ``torch.ops.pevideo.patchify_normalize``) and ``patchify_normalize_ref`` (the plain
+PyTorch definition beside it).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -33,6 +35,7 @@ __all__ = [
     "patchify_check_args",
     "patchify_unsupported_reason",
     "PATCHIFY",
+    "PatchifyCall",
     "KERNEL_MISSING",
 ]
 
@@ -111,15 +114,21 @@ def _check_rescale(rescale):
 
 
 def _check_index_values(frames, frame_index):
+    """Indices in range, checked without reading them on the host: an assert on the tensor's device
+    (on a GPU, a device-side assert instead of reading out of bounds; no sync on the launch path)."""
     n = frames.shape[0]
     if frame_index.numel() == 0:
         return
-    if frame_index.device.type == "cpu":
+    msg = f"frame_index values must be in [0, {n})"
+    ok = ((frame_index >= 0) & (frame_index < n)).all()
+    if frame_index.device.type != "cpu":
+        torch._assert_async(ok, msg)
+        return
+    try:  # (on the CPU the assert is immediate)
+        torch._assert_async(ok, msg)
+    except RuntimeError:
         lo, hi = int(frame_index.min()), int(frame_index.max())
-        if lo < 0 or hi >= n:
-            raise ValueError(f"frame_index values must be in [0, {n}); got values in [{lo}, {hi}]")
-    else:  # no host sync on the GPU: a device-side assert instead of reading out of bounds
-        torch._assert_async(((frame_index >= 0) & (frame_index < n)).all(), f"frame_index values must be in [0, {n})")
+        raise ValueError(f"{msg}; got values in [{lo}, {hi}]") from None
 
 
 def normalize_uint8(frames: torch.Tensor, mean=None, std=None, rescale: float = 1 / 255,
@@ -181,11 +190,28 @@ def patchify_normalize_fused(
     return patchify_normalize_op(frames, frame_index, patch_size, scale, shift, div, normalize, out_dtype or torch.float32)
 
 
-def _reason(frames, patch_size, mean=None, std=None, rescale=1 / 255, out_dtype=None, frame_index=None):
-    return patchify_unsupported_reason(frames, frame_index)  # (the other arguments don't matter to it)
+class PatchifyCall(NamedTuple):
+    """:func:`patchify_normalize`'s arguments, checked (what the op's ``fused`` takes)."""
+
+    frames: torch.Tensor
+    patch_size: int
+    mean: object = None
+    std: object = None
+    rescale: float = 1 / 255
+    out_dtype: Optional[torch.dtype] = None
+    frame_index: Optional[torch.Tensor] = None
 
 
-PATCHIFY = KernelOp("patchify_normalize", patchify_check_args, _reason, patchify_normalize_fused, patchify_normalize_ref)
+def _resolve(*args, **kwargs) -> PatchifyCall:
+    call = PatchifyCall(*args, **kwargs)
+    patchify_check_args(*call)
+    return call
+
+
+PATCHIFY = KernelOp(
+    "patchify_normalize", _resolve, lambda c: patchify_unsupported_reason(c.frames, c.frame_index),
+    lambda c: patchify_normalize_fused(*c), patchify_normalize_ref,
+)
 
 
 def patchify_normalize(

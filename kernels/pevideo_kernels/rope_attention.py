@@ -4,64 +4,69 @@ One op, three modes (see :func:`rope_attention`): packed variable-length segment
 padded clips with a key-padding mask, or plain full attention. RoPE angles come from per-token
 coordinates (t, h, w) and a (3, head_dim // 2) frequency table, so axial 2D (PE-Core frames), 1D
 (temporal) and sectioned 3D RoPE are all the same kernel with different ``freqs`` (the model builds
-them: ``pevideo.rope``).
+them: ``pevideo.rope``). :func:`rope_attention_qkvpacked` takes q, k, v as one packed tensor, as
+flash-attn's ``*_qkvpacked_func`` do (then its gradient is one qkv-shaped buffer).
 
-The op's interface (:data:`ROPE_ATTENTION`, all taking :func:`rope_attention`'s arguments):
-``rope_attention_check_args`` (ValueError on bad arguments), ``rope_attention_unsupported_reason``
-(None if the kernel can serve them), ``rope_attention_fused`` (the Triton kernel, in
-``_rope_attention_triton``, launched from ``_rope_attention_launch``) and ``rope_attention_ref`` (the plain PyTorch definition: the fallback,
-and what the kernel is tested against).
+Layers, each importing only downward: this public module (the references, the public functions, the
+op's :class:`KernelOp` records) over :mod:`._rope_attention_args` (the options checked and resolved
+once into :class:`AttnArgs` / :class:`AttnCall`, torch only) and, behind one guarded import, the host
+entry :mod:`._rope_attention_autograd` (registered ops, autograd) over :mod:`._rope_attention_launch`
+(launch arguments, launchers) over the Triton kernels (:mod:`._rope_attention_triton`,
+:mod:`._rope_attention_bwd_triton`) and their tiles (:mod:`._rope_attention_tuning`).
+
+The op's interface, :data:`ROPE_ATTENTION` (arguments ``q, k, v, args``) and
+:data:`ROPE_ATTENTION_QKVPACKED` (``qkv, args``), ``args`` an :class:`AttnArgs` from :func:`attn_args`:
+``resolve`` (ValueError on bad arguments; the resolved :class:`AttnCall`), ``unsupported_reason`` (None
+if the kernel can serve the call), ``fused`` (the Triton kernels) and ``ref`` (the plain PyTorch
+definition: the fallback, and what the kernel is tested against).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
 from ._choose import KernelOp, run
+from ._rope_attention_args import (
+    MAX_TOKEN_STRIDE,
+    ROPE_K_MODES,
+    AttnArgs,
+    AttnCall,
+    attn_args,
+    bind,
+    debug_checks,
+    default_rope_k,
+    rope_k_mode,
+)
 from ._triton import runtime_reason
 
 try:  # the one guarded import of the Triton side: without Triton every call runs the reference
-    from ._rope_attention_launch import rope_attention_fused as _fused_inference
+    from . import _rope_attention_autograd as _host
     KERNEL_MISSING: str | None = None
-except Exception as exc:  # noqa: BLE001  ImportError, or a Triton this kernel can't be defined with
+except Exception as exc:  # noqa: BLE001  ImportError, or a Triton these kernels can't be defined with
+    _host = None
     KERNEL_MISSING = f"{type(exc).__name__}: {exc}"
-
-    def _fused_inference(*args, **kwargs):
-        raise RuntimeError(f"the rope_attention Triton kernel is not available ({KERNEL_MISSING})")
-
-# The autograd side (forward storing the log-sum-exp, fused backward) is imported at the end of this
-# module: it uses this module's reference and checks. None of it until then.
-BWD_KERNEL_MISSING: str | None = "not imported"
-_train = None
-
-
-def rope_attention_fused(q, k, v, **kwargs) -> torch.Tensor:
-    """The Triton kernel path (arguments already checked). Without autograd: the forward-only op
-    (``torch.ops.pevideo.rope_attention``). With inputs requiring grad: the autograd op, whose forward
-    also stores each row's log-sum-exp and whose backward is the fused Triton backward."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        if _train is None:
-            raise RuntimeError(f"the rope_attention backward kernel is not available ({BWD_KERNEL_MISSING})")
-        return _train(q, k, v, **kwargs)
-    return _fused_inference(q, k, v, **kwargs)
-
+# Why the fused backward can't serve inputs requiring grad (None: it can); the same import serves both.
+BWD_KERNEL_MISSING: str | None = KERNEL_MISSING
 
 __all__ = [
     "rope_attention",
+    "rope_attention_qkvpacked",
     "rope_attention_ref",
     "rope_attention_fused",
     "rope_attention_check_args",
     "rope_attention_unsupported_reason",
     "apply_rope_ref",
     "ROPE_ATTENTION",
+    "ROPE_ATTENTION_QKVPACKED",
     "KERNEL_MISSING",
+    "AttnArgs",
+    "AttnCall",
+    "attn_args",
+    "ROPE_K_MODES",
+    "default_rope_k",
+    "rope_k_mode",
+    "debug_checks",
 ]
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LAYOUTS = ("interleaved", "half")
-MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,10 +127,12 @@ def rope_attention_ref(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     skip_padded_queries: bool = False,
+    rope_k: str | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch :func:`rope_attention`: rotate q and k in float32, cast back, then attention.
 
-    Same arguments, shapes and results as :func:`rope_attention`; differentiable.
+    Same arguments, shapes and results as :func:`rope_attention` (``rope_k``, how the kernel rotates K,
+    changes nothing here); differentiable.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if coords is not None:
@@ -159,140 +166,75 @@ def rope_attention_ref(
 
 
 
+
 # --------------------------------------------------------------------------------------------------
-# Argument checks, shared by the kernel and the reference
+# The op's interface
 # --------------------------------------------------------------------------------------------------
-def rope_attention_check_args(
-    q, k, v, *, coords=None, freqs=None, rope_layout="interleaved", cu_seqlens=None, max_seqlen=None,
-    key_padding_mask=None, scale=None, skip_padded_queries=False,
-) -> None:
-    """Raise ValueError for arguments :func:`rope_attention` (kernel or reference) does not take."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; rope_attention takes float16, bfloat16 or float32")
-        if t.dim() == 0 or t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last (head_dim) dimension; got strides {tuple(t.stride())}")
-    if not (q.dim() == k.dim() == v.dim()):
-        raise ValueError(f"q, k, v must have the same number of dims, got {q.dim()}, {k.dim()}, {v.dim()}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    d = q.shape[-1]
-    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM):
-        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
-    if k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"q, k, v must share head_dim, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    hq, hk = q.shape[-2], k.shape[-2]
-    if hk < 1 or hq % hk:
-        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hk})")
-
-    if cu_seqlens is not None:
-        if key_padding_mask is not None:
-            raise ValueError("give cu_seqlens (packed) or key_padding_mask (padded), not both")
-        if q.dim() != 3:
-            raise ValueError(f"packed mode takes q, k, v of shape (tokens, heads, head_dim); q is {tuple(q.shape)}")
-        if k.shape[0] != q.shape[0]:
-            raise ValueError(f"packed q and k must have the same tokens, got {q.shape[0]} and {k.shape[0]}")
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-            raise ValueError("cu_seqlens must be a 1-D int32 tensor of segment boundaries (segments + 1,)")
-        if cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens needs at least two entries (one segment)")
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-        # Checking values needs the host; skip it on GPU when the caller already gives max_seqlen.
-        if cu_seqlens.device.type == "cpu" or max_seqlen is None:
-            b = cu_seqlens.tolist()
-            if b[0] != 0:
-                raise ValueError(f"cu_seqlens must start at 0, got {b[0]}")
-            if any(y < x for x, y in zip(b[:-1], b[1:])):
-                raise ValueError(f"cu_seqlens must be non-decreasing, got {b}")
-            if b[-1] != q.shape[0]:
-                raise ValueError(f"cu_seqlens must end at the number of tokens ({q.shape[0]}), got {b[-1]}")
-            longest = max(y - x for x, y in zip(b[:-1], b[1:]))
-            if max_seqlen is not None and max_seqlen < longest:
-                raise ValueError(f"max_seqlen={max_seqlen} is below the longest segment ({longest})")
-        if coords is not None and tuple(coords.shape) != (q.shape[0], 3):
-            raise ValueError(f"packed coords must have shape ({q.shape[0]}, 3), got {tuple(coords.shape)}")
-    else:
-        if q.dim() != 4:
-            raise ValueError(
-                f"q, k, v must be (batch, seq, heads, head_dim) (or (tokens, heads, head_dim) with cu_seqlens); q is {tuple(q.shape)}"
-            )
-        if k.shape[0] != q.shape[0]:
-            raise ValueError(f"q and k must share the batch size, got {q.shape[0]} and {k.shape[0]}")
-        if k.shape[1] != q.shape[1] and coords is not None:
-            raise ValueError("RoPE needs q and k of the same length (self-attention); got different lengths")
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-                raise ValueError("key_padding_mask must be a bool tensor (True = real key)")
-            if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[1]):
-                raise ValueError(
-                    f"key_padding_mask must have shape (batch, seq) = {(k.shape[0], k.shape[1])}, got {tuple(key_padding_mask.shape)}"
-                )
-            if key_padding_mask.device != q.device:
-                raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-        if coords is not None and tuple(coords.shape) != (q.shape[0], q.shape[1], 3):
-            raise ValueError(f"coords must have shape {(q.shape[0], q.shape[1], 3)}, got {tuple(coords.shape)}")
-
-    if (coords is None) != (freqs is None):
-        raise ValueError("coords and freqs go together: give both for RoPE, or neither")
-    if coords is not None:
-        if coords.dtype not in (torch.int32, torch.int64, torch.float32):
-            raise ValueError(f"coords must be int32, int64 or float32, got {coords.dtype}")
-        if coords.device != q.device:
-            raise ValueError(f"coords is on {coords.device} but q is on {q.device}")
-        if d % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {d}")
-        if not isinstance(freqs, torch.Tensor) or freqs.dtype != torch.float32 or tuple(freqs.shape) != (3, d // 2):
-            raise ValueError(f"freqs must be a float32 tensor of shape (3, {d // 2})")
-        if freqs.device != q.device:
-            raise ValueError(f"freqs is on {freqs.device} but q is on {q.device}")
-    if rope_layout not in _LAYOUTS:
-        raise ValueError(f"rope_layout must be one of {_LAYOUTS}, got {rope_layout!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if not isinstance(skip_padded_queries, bool):
-        raise ValueError(f"skip_padded_queries must be a bool, got {skip_padded_queries!r}")
-    if skip_padded_queries and (key_padding_mask is None or q.shape[1] != k.shape[1]):
-        raise ValueError("skip_padded_queries needs a key_padding_mask and self-attention (q and k of one length)")
+def _bind_packed(qkv, args: AttnArgs) -> AttnCall:
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() not in (4, 5) or qkv.shape[-3] != 3:
+        what = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must be (tokens, 3, heads, head_dim) or (batch, seq, 3, heads, head_dim), got {what}")
+    return bind(*qkv.unbind(-3), args, qkv=qkv)
 
 
-def rope_attention_unsupported_reason(
-    q, k, v, *, coords=None, freqs=None, rope_layout="interleaved", cu_seqlens=None, max_seqlen=None,
-    key_padding_mask=None, scale=None, skip_padded_queries=False,
-) -> str | None:
-    """None if the Triton kernel can serve these (already checked) arguments, else a readable reason.
-
-    Takes :func:`rope_attention`'s arguments; only the tensors' devices, autograd and whether the
-    kernels were built matter. Inputs requiring grad are served (the fused backward) unless ``coords``
-    or ``freqs`` require grad: the kernel path gives them none, so those run the reference.
-    """
-    reason = runtime_reason(KERNEL_MISSING, (q, k, v, coords, freqs, key_padding_mask, cu_seqlens), ())
-    if reason is not None or not torch.is_grad_enabled():
+def _unsupported(call: AttnCall) -> str | None:
+    q, k, v, a, qkv = call
+    reason = runtime_reason(KERNEL_MISSING, (q, k, v, a.coords, a.freqs, a.key_padding_mask, a.cu_seqlens), ())
+    if reason is not None:
         return reason
-    if any(t is not None and t.requires_grad for t in (coords, freqs)):
+    for name, t, dim in (("q", q, -3), ("k", k, -3), ("v", v, -3), ("coords", a.coords, -2),
+                         ("key_padding_mask", a.key_padding_mask, -1)):
+        if t is not None and t.dim() >= -dim and abs(t.stride(dim)) >= MAX_TOKEN_STRIDE:
+            return (f"{name} has a token stride of {t.stride(dim)} elements; the kernels take strides below "
+                    f"{MAX_TOKEN_STRIDE} (2^23: offsets inside a tile are 32-bit)")
+    if not torch.is_grad_enabled():
+        return None
+    if any(t is not None and t.requires_grad for t in (a.coords, a.freqs)):
         return "coords or freqs require grad and the fused backward gives them none (autograd runs through the reference)"
-    if any(t.requires_grad for t in (q, k, v)) and _train is None:
+    if any(t.requires_grad for t in ((qkv,) if qkv is not None else (q, k, v))) and BWD_KERNEL_MISSING is not None:
         return f"inputs require grad and the backward kernel could not be built ({BWD_KERNEL_MISSING})"
     return None
 
 
+def _fused(call: AttnCall) -> torch.Tensor:
+    if _host is None:
+        raise RuntimeError(f"the rope_attention Triton kernel is not available ({KERNEL_MISSING})")
+    return _host.run(call)
+
+
 ROPE_ATTENTION = KernelOp(
-    "rope_attention",
-    rope_attention_check_args,
-    rope_attention_unsupported_reason,
-    rope_attention_fused,
-    rope_attention_ref,
+    "rope_attention", bind, _unsupported, _fused,
+    lambda q, k, v, args: rope_attention_ref(q, k, v, **args.options()),
+)
+ROPE_ATTENTION_QKVPACKED = KernelOp(
+    "rope_attention_qkvpacked", _bind_packed, _unsupported, _fused,
+    lambda qkv, args: rope_attention_ref(*qkv.unbind(-3), **args.options()),
 )
 
 
+def rope_attention_check_args(q, k, v, **options) -> None:
+    """Raise ValueError for arguments :func:`rope_attention` (kernel or reference) does not take."""
+    bind(q, k, v, attn_args(**options))
+
+
+def rope_attention_unsupported_reason(q, k, v, **options) -> str | None:
+    """None if the Triton kernel can serve these (checked) arguments, else a readable reason.
+
+    Takes :func:`rope_attention`'s arguments. What matters: the tensors' devices, token strides below
+    2^23 elements, whether the kernels were built, and autograd: inputs requiring grad are served (the
+    fused backward) unless ``coords`` or ``freqs`` require grad (the kernel path gives them none).
+    """
+    return _unsupported(bind(q, k, v, attn_args(**options)))
+
+
+def rope_attention_fused(q, k, v, **options) -> torch.Tensor:
+    """The Triton kernel path of :func:`rope_attention` (same arguments), whatever the reason says;
+    with inputs requiring grad, the autograd op with its fused backward."""
+    return _fused(bind(q, k, v, attn_args(**options)))
+
+
 # --------------------------------------------------------------------------------------------------
-# Public entry point
+# Public entry points
 # --------------------------------------------------------------------------------------------------
 def rope_attention(
     q: torch.Tensor,
@@ -307,6 +249,7 @@ def rope_attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     skip_padded_queries: bool = False,
+    rope_k: str | None = None,
 ) -> torch.Tensor:
     """Softmax attention with RoPE applied to q and k as they are loaded.
 
@@ -323,12 +266,21 @@ def rope_attention(
     attention, e.g. a latent query pooling a sequence). k and v may have fewer heads than q
     (grouped-query attention: head h reads kv head h // (heads_q // heads_kv)).
 
-    Any strides on the token and head dims (views of a fused qkv output work); head_dim contiguous.
+    Packed contract (as flash-attn's varlen functions): ``cu_seqlens`` starts at 0, never decreases and
+    ends at the number of tokens; ``max_seqlen`` is at least the longest segment (None: computed from
+    ``cu_seqlens``, a host sync on a GPU). The values are checked when that costs no sync (``cu_seqlens``
+    on the CPU, or ``max_seqlen`` None) and always under ``pevideo_kernels.debug_checks()`` /
+    ``PEVIDEO_KERNELS_DEBUG=1``; on a GPU with ``max_seqlen`` given they are the caller's promise (wrong
+    values leave output rows unwritten).
+
+    Any strides on the token and head dims (views of a fused qkv output work; token strides below 2^23
+    elements for the kernel); head_dim contiguous.
 
     RoPE: ``coords`` (tokens, 3) or (batch, seq, 3), int32 or float32, give each token's (t, h, w);
     ``freqs`` (3, head_dim // 2) float32. Pair j turns by t·freqs[0, j] + h·freqs[1, j] + w·freqs[2, j]
     (float32). ``rope_layout`` "interleaved" pairs dims (2j, 2j+1), "half" pairs (j, j + head_dim/2).
-    A token at (0, 0, 0) is left as it is.
+    A token at (0, 0, 0) is left as it is. ``rope_k``: how the kernel rotates K (``ROPE_K_MODES``; same
+    results): None takes ``rope_k_mode()``'s setting, else the per-shape default (``default_rope_k``).
 
     Returns ``out`` with q's leading shape, contiguous, q's dtype. ``scale`` defaults to head_dim**-0.5.
     Runs the Triton kernel on CUDA tensors (and on CPU under TRITON_INTERPRET=1), the reference
@@ -336,19 +288,18 @@ def rope_attention(
 
     Autograd: differentiable in q, k, v. On the kernel path the forward also stores each row's
     log-sum-exp and the backward is a fused Triton kernel pair (FlashAttention-2 style, RoPE recomputed
-    and undone inside; no rotated q/k or N x N tensor is saved). Gradients for q, k, v views of one
-    fused qkv tensor arrive as one qkv-shaped buffer. ``coords`` and ``freqs`` get no gradient from the
-    kernel path: when either requires grad, the reference runs instead (and gives them theirs).
+    and undone inside; no rotated q/k or N x N tensor is saved). ``coords`` and ``freqs`` get no
+    gradient from the kernel path: when either requires grad, the reference runs instead.
     """
-    return run(
-        ROPE_ATTENTION, q, k, v, coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens,
-        max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, scale=scale,
-        skip_padded_queries=skip_padded_queries,
-    )
+    args = attn_args(coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                     key_padding_mask=key_padding_mask, scale=scale, skip_padded_queries=skip_padded_queries,
+                     rope_k=rope_k)
+    return run(ROPE_ATTENTION, q, k, v, args)
 
 
-try:  # (after everything above: the autograd side imports this module's reference and checks)
-    from ._rope_attention_autograd import rope_attention_train as _train
-    BWD_KERNEL_MISSING = None
-except Exception as exc:  # noqa: BLE001  no Triton, or backward kernels this Triton can't define
-    BWD_KERNEL_MISSING = f"{type(exc).__name__}: {exc}"
+def rope_attention_qkvpacked(qkv: torch.Tensor, **options) -> torch.Tensor:
+    """:func:`rope_attention` on q, k, v packed in one tensor: ``qkv`` (tokens, 3, heads, head_dim)
+    with ``cu_seqlens``, or (batch, seq, 3, heads, head_dim); q, k, v are ``qkv.unbind(-3)`` (read in
+    place, through their strides). Same keyword options and result. With autograd, the gradient is one
+    buffer of qkv's shape (e.g. straight into a fused qkv projection's output)."""
+    return run(ROPE_ATTENTION_QKVPACKED, qkv, attn_args(**options))

@@ -1,5 +1,5 @@
-"""Backward of :func:`pevideo_kernels.rope_attention`: the launcher of the Triton kernels in
-``_rope_attention_bwd_triton`` and the log-sum-exp the forward must save for them.
+"""Backward of :func:`pevideo_kernels.rope_attention` as a public function (the kernels in
+``_rope_attention_bwd_triton``, launched by the host side) and the log-sum-exp the forward must save.
 
 The backward needs only what a FlashAttention forward keeps: ``out`` and the per-row log-sum-exp
 ``lse``. Its convention (what the forward has to store):
@@ -20,32 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import LAUNCH, interpreting, runtime_reason
-from .rope_attention import apply_rope_ref, rope_attention_check_args
+from ._rope_attention_args import attn_args, bind
+from ._triton import runtime_reason
+from .rope_attention import KERNEL_MISSING, _host, apply_rope_ref
 
-try:  # the guarded import of the Triton side (as rope_attention's)
-    from ._rope_attention_bwd_triton import rope_attn_bwd_dkdv, rope_attn_bwd_dq
-    from ._rope_attention_launch import _shared_args
-    BWD_KERNEL_MISSING: str | None = None
-except Exception as exc:  # noqa: BLE001  ImportError, or a Triton these kernels can't be defined with
-    BWD_KERNEL_MISSING = f"{type(exc).__name__}: {exc}"
-
-__all__ = ["rope_attention_bwd", "rope_attention_lse_ref", "BWD_KERNEL_MISSING"]
-
-
-def _gpu_configs(d: int, fp32: bool):
-    """((BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel, the same of the dK/dV kernel) on CUDA.
-
-    Picked without a GPU, as the largest tiles that ptxas (sm_90) compiles with no or few register
-    spills; still to be tuned on a GPU. dQ programs own BLOCK_M queries, dK/dV programs BLOCK_N keys.
-    """
-    if fp32:
-        return (64, 32, 8, 2), (32, 64, 8, 2)
-    if d <= 64:
-        return (64, 64, 8, 2), (64, 64, 8, 2)
-    if d <= 128:
-        return (32, 64, 8, 2), (64, 32, 8, 2)
-    return (32, 32, 8, 2), (32, 32, 8, 2)
+__all__ = ["rope_attention_bwd", "rope_attention_lse_ref"]
 
 
 def _check_bwd_args(dout, q, k, v, out, lse, dq, dk, dv):
@@ -116,103 +95,17 @@ def rope_attention_bwd(
     raises RuntimeError where they cannot run. ``block_m`` / ``block_n`` override the tile sizes
     (under the interpreter the default is ``pevideo_kernels.testing.interpreter_blocks``'s).
     """
-    rope_attention_check_args(
-        q, k, v, coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        key_padding_mask=key_padding_mask, scale=scale, skip_padded_queries=skip_padded_queries,
-    )
+    call = bind(q, k, v, attn_args(coords=coords, freqs=freqs, rope_layout=rope_layout, cu_seqlens=cu_seqlens,
+                                   max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, scale=scale,
+                                   skip_padded_queries=skip_padded_queries))
     _check_bwd_args(dout, q, k, v, out, lse, dq, dk, dv)
+    a = call.args
     reason = runtime_reason(
-        BWD_KERNEL_MISSING, (q, k, v, coords, freqs, key_padding_mask, cu_seqlens, out, dout, lse, dq, dk, dv), ()
+        KERNEL_MISSING, (q, k, v, a.coords, a.freqs, a.key_padding_mask, a.cu_seqlens, out, dout, lse, dq, dk, dv), ()
     )
     if reason is not None:
         raise RuntimeError(f"rope_attention_bwd cannot run the kernel: {reason}")
-
-    dq, dk, dv = (torch.empty_like(x) if g is None else g for x, g in ((q, dq), (k, dk), (v, dv)))
-    if LAUNCH.poison:  # (pevideo_kernels.testing.poison_outputs) so that unwritten elements show up
-        for g in (dq, dk, dv):
-            g.fill_(float("nan"))
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    packed = cu_seqlens is not None
-    if packed and max_seqlen is None and cu_seqlens.numel() > 1:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync; pass max_seqlen to avoid it
-    if packed:
-        nbatch, seqlen_q, seqlen_k = cu_seqlens.numel() - 1, int(max_seqlen), int(max_seqlen)
-    else:
-        nbatch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
-    if q.numel() == 0 and k.numel() == 0:
-        return dq, dk, dv
-    if seqlen_k == 0 or seqlen_q == 0:  # nothing attends (an empty key or query side): all gradients 0
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout, cu_seqlens, key_padding_mask,
-                scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n)
-    return dq, dk, dv
-
-
-def _bwd_kernel_args(dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, rope_layout, cu_seqlens,
-                     key_padding_mask, scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n,
-                     on_cpu):
-    """Both kernels' launches: ((args, (constexpr flags, launch options), grid) of the dQ kernel, the same of
-    the dK/dV kernel).
-
-    Shared by the launcher and by ahead-of-time build checks, so that these compile what a launch would.
-    """
-    d = q.shape[-1]
-    hq, hkv = q.shape[-2], k.shape[-2]
-    # the forward's own host-side set-up (strides, absent pointers, shared flags)
-    strides, (c, f, cu, m, ranges), sc_sm, flags = _shared_args(
-        q, coords, freqs, rope_layout, cu_seqlens, key_padding_mask, seqlen_q, seqlen_k, skip_padded_queries)
-    if on_cpu:  # (pevideo_kernels.testing.interpreter_blocks)
-        cfg_q = cfg_k = (*LAUNCH.interpret_blocks, None, None)
-    else:
-        cfg_q, cfg_k = _gpu_configs(d, q.dtype == torch.float32)
-    if block_m or block_n:
-        cfg_q = (block_m or cfg_q[0], block_n or cfg_q[1], *cfg_q[2:])
-        cfg_k = (block_m or cfg_k[0], block_n or cfg_k[1], *cfg_k[2:])
-    for bm, bn, _, _ in (cfg_q, cfg_k):
-        if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
-            raise ValueError(f"block sizes must be powers of two >= 16, got ({bm}, {bn})")
-    # (flags, launch options) of each kernel
-    conf_q = (dict(flags, BLOCK_M=cfg_q[0], BLOCK_N=cfg_q[1]),
-              {} if on_cpu else dict(num_warps=cfg_q[2], num_stages=cfg_q[3]))
-    conf_k = (dict(flags, BLOCK_M=cfg_k[0], BLOCK_N=cfg_k[1]),
-              {} if on_cpu else dict(num_warps=cfg_k[2], num_stages=cfg_k[3]))
-
-    common = (seqlen_q, seqlen_k, hq // hkv, float(scale))
-    dq_args = (
-        q, k, v, out, dout, lse, delta, dq, c, f, cu, m, ranges, *common,
-        *strides(q), *strides(k), *strides(v), *strides(out), *strides(dout), *strides(lse), *strides(delta),
-        *strides(dq), *sc_sm,
-    )
-    dkdv_args = (
-        q, k, v, dout, lse, delta, dk, dv, c, f, cu, m, ranges, *common,
-        *strides(q), *strides(k), *strides(v), *strides(dout), *strides(lse), *strides(delta),
-        *strides(dk), *strides(dv), *sc_sm,
-    )
-    # dQ programs own BLOCK_M queries and stream keys; dK/dV programs own BLOCK_N keys and stream queries.
-    grid_q = (_cdiv(seqlen_q, cfg_q[0]) * nbatch, hq)
-    grid_k = (_cdiv(seqlen_k, cfg_k[1]) * nbatch, hkv)
-    return (dq_args, conf_q, grid_q), (dkdv_args, conf_k, grid_k)
-
-
-def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, coords, freqs, rope_layout, cu_seqlens, key_padding_mask,
-                scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n):
-    on_cpu = interpreting() and q.device.type == "cpu"
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # rowsum(dO * O), from the dQ kernel
-    (dq_args, (dq_flags, dq_opts), grid_q), (dkdv_args, (dkdv_flags, dkdv_opts), grid_k) = _bwd_kernel_args(
-        dout, q, k, v, out, lse, dq, dk, dv, delta, coords, freqs, rope_layout, cu_seqlens, key_padding_mask,
-        scale, skip_padded_queries, nbatch, seqlen_q, seqlen_k, block_m, block_n, on_cpu,
-    )
-    if on_cpu:
-        rope_attn_bwd_dq[grid_q](*dq_args, **dq_flags)
-        rope_attn_bwd_dkdv[grid_k](*dkdv_args, **dkdv_flags)  # reads the dQ kernel's delta
-    else:
-        with torch.cuda.device(q.device):  # wrap_triton: torch.compile traces the launches (registered op)
-            torch.library.wrap_triton(rope_attn_bwd_dq)[grid_q](*dq_args, **dq_flags, **dq_opts)
-            torch.library.wrap_triton(rope_attn_bwd_dkdv)[grid_k](*dkdv_args, **dkdv_flags, **dkdv_opts)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-int(a) // int(b))
+    return _host.backward(dout, q, k, v, out, lse, a, dq, dk, dv, block_m, block_n)
 
 
 # --------------------------------------------------------------------------------------------------
