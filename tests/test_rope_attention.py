@@ -362,6 +362,21 @@ def test_requires_grad_runs_fused_backward(seed):
 
 
 
+@pytest.mark.skipif(not interpreting(), reason="only the interpreter is probed")
+def test_an_interpreter_that_cannot_run_the_kernels_routes_to_the_reference(seed, monkeypatch):
+    """Triton 3.6's interpreter fails on NumPy >= 2.4; the probe's reason, not an InterpreterError, reaches
+    the caller, and the reference's output comes back. Where this environment's interpreter works (CI
+    pins NumPy below 2.4 for Triton 3.6), the probe says so, so the other tests really ran the kernels."""
+    from pevideo_kernels import _triton
+
+    assert _triton.interpreter_reason() is None
+    broken = "Triton 3.6.0's interpreter with NumPy 2.5.5 cannot run the kernels (...)"
+    monkeypatch.setattr(_triton, "_INTERPRETER_REASON", [broken])
+    q, k, v = (_rand(2, 9, 2, 16, dtype=torch.float32) for _ in range(3))
+    assert rope_attention_unsupported_reason(q, k, v) == broken
+    torch.testing.assert_close(rope_attention(q, k, v), rope_attention_ref(q, k, v), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # bf16 on a GPU: the kernel's error against float32 within 2x of PyTorch's own bf16 error
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ except Exception as exc:  # ImportError, or a broken install raising anything el
     HAS_TRITON = False
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "interpreting", "device_reason", "grad_reason", "runtime_reason", "register_op", "LAUNCH"]
+__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "interpreting", "interpreter_reason", "device_reason", "grad_reason", "runtime_reason", "register_op", "LAUNCH"]
 
 
 # Triton decides at @triton.jit time whether a kernel is interpreted, so read the switch once, at import,
@@ -34,6 +34,45 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
+_INTERPRETER_REASON: list = []  # filled once, by the first interpreted launch's check
+
+
+def interpreter_reason() -> str | None:
+    """None if Triton's interpreter can run pevideo's kernels here, else why not (probed once).
+
+    The kernels loop over key tiles with bounds loaded from memory (segment starts, mask spans). Triton
+    3.6's interpreter turns such a loaded value into a Python int through a one-element NumPy array,
+    which NumPy 2.4 and later refuse ("only 0-dimensional arrays can be converted to Python scalars").
+    Compiled (GPU) kernels are unaffected.
+    """
+    if not _INTERPRETER_REASON:
+        _INTERPRETER_REASON.append(_probe_interpreter())
+    return _INTERPRETER_REASON[0]
+
+
+def _probe_interpreter() -> str | None:
+    @triton.jit
+    def loaded_bound(x_ptr, n_ptr, out_ptr, BLOCK: tl.constexpr):
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, tl.load(n_ptr), BLOCK):
+            acc += tl.load(x_ptr + start + tl.arange(0, BLOCK))
+        tl.store(out_ptr + tl.arange(0, BLOCK), acc)
+
+    x = torch.arange(32, dtype=torch.float32)
+    out = torch.empty(16)
+    try:
+        loaded_bound[(1,)](x, torch.tensor([32], dtype=torch.int32), out, BLOCK=16)
+        if torch.equal(out, x[:16] + x[16:]):
+            return None
+        problem = "computed a wrong sum"
+    except Exception as exc:  # noqa: BLE001  any failure of the interpreter is a reason to use the reference
+        problem = f"failed: {type(exc).__name__}: {exc}"
+    import numpy
+
+    return (f"Triton {triton.__version__}'s interpreter with NumPy {numpy.__version__} cannot run the kernels "
+            f"(a loop bound loaded from memory {problem}); under TRITON_INTERPRET use numpy<2.4 or a newer Triton")
+
+
 def device_reason(*tensors: torch.Tensor | None) -> str | None:
     """None if a Triton kernel can run on these tensors' device, else why not."""
     if not HAS_TRITON:
@@ -44,6 +83,9 @@ def device_reason(*tensors: torch.Tensor | None) -> str | None:
         if t.device.type == "cuda":
             continue
         if t.device.type == "cpu" and interpreting():
+            reason = interpreter_reason()
+            if reason is not None:
+                return reason
             continue
         return (
             f"tensors are on {t.device.type}; the Triton kernels run on CUDA devices "
