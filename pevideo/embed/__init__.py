@@ -12,7 +12,7 @@ checks), :mod:`.fingerprint` (what a resume must match) and :mod:`.safeio` (lock
 one-line :class:`StoreError` errors); :mod:`.distributed` (torchrun), :mod:`.api` (``embed_videos``,
 ``classify_videos``), :mod:`.tables` (classify's text / CSV / JSON tables) and :mod:`.cli` (``pevideo
 embed`` / ``classify`` / ``merge``). Beside them, :mod:`.parquet` (Parquet outputs: rows,
-duplicates, reading back), :mod:`.ray_run` (``pevideo embed --engine ray`` over :mod:`pevideo.ray_data`)
+duplicates, reading back), :mod:`.ray_run` (``pevideo embed --engine ray`` over :mod:`.ray_stages`, whose face is :mod:`pevideo.ray_data`)
 and :mod:`.outputs` (``read_embeddings`` / ``merge_shards`` of either kind of output).
 
 * :func:`embed_videos` yields one :class:`ClipResult` per video, in input order. Background worker

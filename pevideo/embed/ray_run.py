@@ -138,7 +138,7 @@ def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None
     """
     import ray
 
-    from .. import ray_data
+    from . import ray_stages as ray_data
     from .merging import EmbedSummary
 
     out = os.fspath(out)
