@@ -16,6 +16,8 @@ import os
 import sys
 import warnings
 
+from .embed.tables import path_cell, printable
+
 __all__ = ["register", "run_search"]
 
 EPILOG = """\
@@ -95,6 +97,9 @@ def _query_videos(args, session, config):
 
 def run_search(args: argparse.Namespace) -> int:
     from .embed.cli import _guarded, check_device
+    from .embed.inputs import expand_inputs
+    from .embed.layout import check_table_path
+    from .embed.session import checkpoint_folder, model_source
     from .embed.tables import TableOutput
 
     def go():
@@ -110,7 +115,12 @@ def run_search(args: argparse.Namespace) -> int:
         if args.video and args.score == "probability":
             raise UsageError("--score probability is the text-video probability: it needs --text")
         check_device(args.device)
-        out = TableOutput(args.out) if args.out else None
+        out = None
+        if args.out:  # before anything is loaded: never over an input, the checkpoint or a user's file
+            inputs = [args.embeddings, *(expand_inputs(args.video, must_exist=True) if args.video else [])]
+            check_table_path(args.out, inputs=inputs, checkpoint=checkpoint_folder(model_source(args.model)),
+                             owned=is_search_table)
+            out = TableOutput(args.out)
         try:
             source = open_embeddings(args.embeddings)
             index = None
@@ -131,7 +141,7 @@ def run_search(args: argparse.Namespace) -> int:
             bias = float(model.text_video_logit_bias.float().item())
             res = search(source, queries, args.k, score=args.score, logit_scale=scale, logit_bias=bias,
                          chunk_size=args.chunk_size, device=session.device, index=index)
-            text = {"text": _as_text, "csv": _as_csv, "json": _as_json}[fmt](names, res)
+            text = {"text": _as_text, "csv": _as_csv, "json": _as_json}[fmt](names, res, to_file=out is not None)
             if out is not None:
                 out.commit(text)
             else:
@@ -151,25 +161,45 @@ def _hits(res, q):
             yield rank, i, ii, p, s
 
 
-def _as_text(names, res) -> str:
-    lines = []
+TEXT_MARK = "# pevideo search"  # first line of a text table written to a file: proves it pevideo's
+_CSV_HEAD = "query,rank,index,input_index,path,"
+
+
+def is_search_table(path: str) -> bool:
+    """A table ``pevideo search`` wrote (its text table with the mark, its CSV header or its JSON)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.readline().rstrip("\n")
+            if head == TEXT_MARK or head.startswith(_CSV_HEAD):
+                return True
+            if head.strip() != "{":
+                return False
+            f.seek(0)
+            data = json.load(f)
+        return isinstance(data, dict) and set(data) == {"score", "k", "queries"}
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _as_text(names, res, to_file: bool = False) -> str:
+    lines = [TEXT_MARK] if to_file else []
     for q, name in enumerate(names):
-        lines.append(f"{name}  ({res.score})")
-        lines += [f"  {rank:>3}  {s:.4f}  {p}" for rank, _, _, p, s in _hits(res, q)]
+        lines.append(f"{printable(name)}  ({res.score})")
+        lines += [f"  {rank:>3}  {s:.4f}  {path_cell(p)}" for rank, _, _, p, s in _hits(res, q)]
     return "\n".join(lines) + "\n"
 
 
-def _as_csv(names, res) -> str:
+def _as_csv(names, res, to_file: bool = False) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["query", "rank", "index", "input_index", "path", res.score])
     for q, name in enumerate(names):
         for rank, i, ii, p, s in _hits(res, q):
-            w.writerow([name, rank, i, ii, p, f"{s:.6g}"])
+            w.writerow([path_cell(name), rank, i, ii, path_cell(p), f"{s:.6g}"])
     return buf.getvalue()
 
 
-def _as_json(names, res) -> str:
+def _as_json(names, res, to_file: bool = False) -> str:
     rows = [{"query": name, "results": [{"rank": rank, "index": i, "input_index": ii, "path": p, "score": round(s, 6)}
                                         for rank, i, ii, p, s in _hits(res, q)]} for q, name in enumerate(names)]
     return json.dumps({"score": res.score, "k": int(res.indices.shape[1]) if res.indices.dim() == 2 else 0,

@@ -3,6 +3,7 @@ ordered by row whatever the chunking; read from what `pevideo embed` wrote a chu
 held; text queries scored through the same text tower as classify (same probabilities); the CLI's
 outputs; another model refused; the FAISS index (its own marker) against the exact search."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -175,6 +176,30 @@ def test_cli_refuses_other_model_and_bad_use(media, tmp_path, capsys):
     assert cli.main(["search", str(media["out"]), "--video", str(media["videos"] / "clip0.mp4"), "--model",
                      media["ckpt"], "--score", "probability"]) == 2
     assert cli.main(["search", str(tmp_path / "none.safetensors"), "--text", "a", "--model", media["ckpt"]]) == 2
+
+
+def test_cli_out_never_overwrites_what_pevideo_did_not_write(media, tmp_path, capsys):
+    """--out is checked before anything loads: not a user's file, not an input, not inside the checkpoint;
+    a table search wrote before is replaced, and the text table written to a file carries its mark."""
+    base = ["search", str(media["out"]), "--text", "a cat sleeping", "--model", media["ckpt"], "-k", "2"]
+    mine = tmp_path / "notes.csv"
+    mine.write_text("my,own,data\n")
+    assert cli.main([*base, "--out", str(mine)]) == 2
+    assert mine.read_text() == "my,own,data\n" and "is not a table pevideo wrote" in capsys.readouterr().err
+    query = media["videos"] / "clip3.mp4"
+    before = query.read_bytes()
+    assert cli.main(["search", str(media["out"]), "--video", str(query), "--model", media["ckpt"],
+                     "--out", str(query)]) == 2
+    assert query.read_bytes() == before
+    assert cli.main([*base, "--out", str(media["out"])]) == 2  # the embeddings themselves
+    assert cli.main([*base, "--out", os.path.join(media["ckpt"], "hits.csv")]) == 2
+    for name in ("hits.csv", "hits.json", "hits.txt"):
+        out = tmp_path / name
+        assert cli.main([*base, "--out", str(out)]) == 0
+        first = out.read_text()
+        assert cli.main([*base, "--out", str(out)]) == 0  # its own table: replaced
+        assert out.read_text() == first
+    assert (tmp_path / "hits.txt").read_text().startswith("# pevideo search\n")
 
 
 @pytest.mark.faiss
