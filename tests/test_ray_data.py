@@ -208,6 +208,32 @@ def test_engine_ray_usage_errors(media, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "y")
 
 
+def test_engine_ray_never_writes_over_a_users_files(media, ray_local, tmp_path, capsys):
+    """The Ray engine's output checks are `pevideo embed`'s: not inside the checkpoint, no errors file over
+    an input, and --overwrite removes only files that prove themselves pevideo's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = ["embed", media["videos"], "--model", media["ckpt"], "--engine", "ray", "--num-frames", str(NF), "-q"]
+    assert cli.main([*base, "--out", os.path.join(media["ckpt"], "emb")]) == 2
+    assert "inside the checkpoint" in capsys.readouterr().err
+    video = os.path.join(media["videos"], "a.mp4")
+    before = open(video, "rb").read()
+    assert cli.main([*base, "--out", str(tmp_path / "e"), "--errors", video]) == 2
+    assert "over an input" in capsys.readouterr().err
+    assert open(video, "rb").read() == before and not os.path.exists(tmp_path / "e")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    pq.write_table(pa.table({"a": [1, 2]}), mine / "data.parquet")
+    assert cli.main([*base, "--out", str(mine), "--overwrite"]) == 2
+    assert "not a file of a `pevideo embed --engine ray` run" in capsys.readouterr().err
+    (mine / "errors.jsonl").write_text("my notes\n")
+    assert cli.main([*base, "--out", str(mine), "--overwrite"]) == 2
+    assert "not an errors file pevideo wrote" in capsys.readouterr().err
+    assert pq.read_table(mine / "data.parquet").to_pydict() == {"a": [1, 2]}
+    assert (mine / "errors.jsonl").read_text() == "my notes\n"
+
+
 def test_search_reads_parquet(media, local, ray_out, capsys):
     from pevideo.retrieval import search
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from .records import FORMAT
 from .safeio import OutputPathError, is_regular_or_absent
 
-__all__ = ["Layout", "plan_output", "check_table_path", "is_pevideo_file", "is_errors_file", "is_manifest_file",
-           "SHARD_NAME"]
+__all__ = ["Layout", "plan_output", "check_table_path", "refuse_conflicts", "refuse_foreign", "is_pevideo_file",
+           "is_errors_file", "is_manifest_file", "SHARD_NAME"]
 
 SHARD_NAME = re.compile(r"shard-([0-9]+)\.safetensors")
 _SEPS = ("/", os.sep)
@@ -123,7 +123,7 @@ def _inputs_hit(paths: list[str], inputs) -> tuple[str, str] | None:
     return None
 
 
-def _refuse_conflicts(named: list[tuple[str, str]], inputs, checkpoint) -> None:
+def refuse_conflicts(named: list[tuple[str, str]], inputs, checkpoint) -> None:
     """Refuse any of ``named`` ((what, path)) that is an input or lies inside the checkpoint folder."""
     hit = _inputs_hit([p for _, p in named], inputs)
     if hit is not None:
@@ -172,7 +172,7 @@ def is_manifest_file(path: str) -> bool:
         return f'"{FORMAT}"'.encode() in f.read(1 << 20)
 
 
-def _refuse_foreign(path: str, what: str, advice: str = "remove it yourself, or give another path") -> None:
+def refuse_foreign(path: str, what: str, advice: str = "remove it yourself, or give another path") -> None:
     raise OutputPathError(path, f"exists and is not {what} pevideo wrote; refusing to replace it", advice)
 
 
@@ -185,18 +185,18 @@ def _check_existing(layout: Layout) -> None:
 
             read_header(layout.final)
         if not ours:
-            _refuse_foreign(layout.final, "an embeddings file")
+            refuse_foreign(layout.final, "an embeddings file")
     if os.path.isfile(layout.errors) and not is_errors_file(layout.errors):
-        _refuse_foreign(layout.errors, "an errors file")
+        refuse_foreign(layout.errors, "an errors file")
     if os.path.isdir(layout.work):
         has_manifest = os.path.isfile(layout.manifest)
         if has_manifest and not is_manifest_file(layout.manifest):
-            _refuse_foreign(layout.manifest, "a manifest", "this folder holds other files: give another --out")
+            refuse_foreign(layout.manifest, "a manifest", "this folder holds other files: give another --out")
         if not has_manifest:  # no manifest to prove the shards ours: each must prove itself
             for name in os.listdir(layout.work):
                 p = os.path.join(layout.work, name)
                 if SHARD_NAME.fullmatch(name) and os.path.isfile(p) and os.path.getsize(p) > 0 and not is_pevideo_file(p):
-                    _refuse_foreign(p, "a shard", "this folder holds other files: give another --out")
+                    refuse_foreign(p, "a shard", "this folder holds other files: give another --out")
 
 
 def plan_output(out, errors=None, *, inputs=None, checkpoint: str | None = None) -> Layout:
@@ -221,7 +221,7 @@ def plan_output(out, errors=None, *, inputs=None, checkpoint: str | None = None)
     if clash is not None:
         raise OutputPathError(e, f"the errors file would be written over another output of this run ({clash})",
                               "give another --errors")
-    _refuse_conflicts([("the output", layout.out), ("the errors file", e)], inputs, checkpoint)
+    refuse_conflicts([("the output", layout.out), ("the errors file", e)], inputs, checkpoint)
     _check_existing(layout)
     return layout
 
@@ -232,7 +232,7 @@ def check_table_path(path: str, *, inputs=None, checkpoint: str | None = None, o
     p = os.fspath(path)
     if not p or p.endswith(_SEPS) or os.path.isdir(p):
         raise OutputPathError(p or "--out", "is not a file name (the table is one file)", "give a file name")
-    _refuse_conflicts([("the table", p)], inputs, checkpoint)
+    refuse_conflicts([("the table", p)], inputs, checkpoint)
     if os.path.isfile(p) and os.path.getsize(p) > 0 and is_regular_or_absent(p) and owned is not None and not owned(p):
-        _refuse_foreign(p, "a table")
+        refuse_foreign(p, "a table")
 

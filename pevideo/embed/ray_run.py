@@ -25,8 +25,10 @@ from .fingerprint import describe_mismatch, fingerprint, model_id
 from .inputs import expand_inputs
 from .parquet import (
     MERGED_NAME,
-    check_one_model,
+    PARQUET_FORMAT,
     RESUME,
+    check_one_model,
+    pyarrow,
     check_complete,
     merged_table,
     read_manifest,
@@ -36,7 +38,7 @@ from .parquet import (
     write_merged,
 )
 from .safeio import DamagedOutputError, OutputLock, atomic_write_text, io_errors, remove_stale_temporaries
-from .session import check_sampling, open_session, resolve_fast
+from .session import check_sampling, checkpoint_folder, open_session, resolve_fast
 
 __all__ = ["embed_with_ray", "merge_parquet", "add_arguments", "run_cli"]
 
@@ -69,8 +71,43 @@ def _init_ray(address) -> bool:
     return True
 
 
+def _is_ours(path: str) -> bool:
+    """A file of a Ray run's folder that pevideo wrote: its manifest, an errors file, or a Parquet file with
+    the stage's columns (:func:`pevideo.embed.parquet.schema`)."""
+    from .layout import is_errors_file
+
+    name = os.path.basename(path)
+    if name == "manifest.json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f).get("format") == PARQUET_FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
+    if name.endswith(".jsonl"):
+        return is_errors_file(path)
+    try:
+        names = set(pyarrow().parquet.read_schema(path).names)
+    except Exception:  # noqa: BLE001  not readable as Parquet: proves nothing
+        return False
+    return {"path", "input_index", "frame_indices", "embedding", "fingerprint", "error"} <= names
+
+
+def check_paths(out: str, errors_path: str, inputs, checkpoint: str | None) -> None:
+    """Before any work: neither the folder nor the errors file is an input or inside the checkpoint, the
+    errors file is a file name, and an existing one is pevideo's (as for ``pevideo embed``)."""
+    from .layout import refuse_conflicts, refuse_foreign
+
+    refuse_conflicts([("the output", out), ("the errors file", errors_path)], inputs, checkpoint)
+    if errors_path.endswith(("/", os.sep)) or os.path.isdir(errors_path):
+        raise UsageError(f"{errors_path}: is not a file name (the errors file is one file)")
+    if os.path.isfile(errors_path) and os.path.getsize(errors_path) and not _is_ours(errors_path):
+        refuse_foreign(errors_path, "an errors file")
+
+
 def _prepare(out: str, config: dict, overwrite: bool) -> dict:
-    """Check or write the manifest (holding the lock); with ``overwrite`` remove a previous run's files."""
+    """Check or write the manifest (holding the lock); with ``overwrite`` remove a previous run's files:
+    only those that prove themselves pevideo's (a user's file in the folder is refused, never removed)."""
+    from .layout import refuse_foreign
     from .records import FORMAT
     from .manifest import ManifestMismatchError
 
@@ -78,9 +115,13 @@ def _prepare(out: str, config: dict, overwrite: bool) -> dict:
         os.makedirs(out, exist_ok=True)
         names = os.listdir(out)
         if overwrite:
-            for n in names:
-                if n in ("manifest.json", "errors.jsonl") or n.endswith(".parquet"):
-                    os.remove(os.path.join(out, n))
+            mine = [n for n in names if n in ("manifest.json", "errors.jsonl") or n.endswith(".parquet")]
+            for n in mine:
+                if not _is_ours(os.path.join(out, n)):
+                    refuse_foreign(os.path.join(out, n), "a file of a `pevideo embed --engine ray` run",
+                                   "this folder holds other files: give another --out")
+            for n in mine:
+                os.remove(os.path.join(out, n))
             names = os.listdir(out)
     remove_stale_temporaries(out, ("manifest.json", "errors.jsonl", MERGED_NAME), 0)
     p = os.path.join(out, "manifest.json")
@@ -151,6 +192,7 @@ def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None
     # The processor and the frame size only: the model loads in the encoder actors.
     session = open_session(model, processor, device="cpu", dtype="float32", fast=False, sampling=sampling)
     errors_path = os.fspath(errors) if errors else os.path.join(out, "errors.jsonl")
+    check_paths(out, errors_path, paths, checkpoint_folder(session.source))
     started = _init_ray(address)
     try:
         if progress is not None:
@@ -218,6 +260,7 @@ def merge_parquet(out, *, keep_shards: bool | None = None, errors=None):
     if not os.path.isdir(out):
         raise FileNotFoundError(f"no Parquet embeddings folder at {out}")
     errors_path = os.fspath(errors) if errors else os.path.join(out, "errors.jsonl")
+    check_paths(out, errors_path, None, None)  # the errors file: never a file of the user's
     with _lock(out):
         sc = scan(out)
         if sc.manifest is not None:
