@@ -12,7 +12,7 @@ import pevideo
 def test_compiled_blocks_match_eager(fast):
     cfg = make_config("large80")
     torch.manual_seed(0)
-    eager = randomize(pevideo.PeVideoModel(cfg)).eval()
+    eager = randomize(pevideo.PeVideoModel(cfg, num_classes=16)).eval()
     comp = pevideo.PeVideoModel(cfg, fast=fast, compile=True, num_classes=16).eval()
     comp.load_state_dict(eager.state_dict())
     assert comp.video_encoder.vit.block_fns is not eager.video_encoder.vit.block_fns

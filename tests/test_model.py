@@ -149,7 +149,10 @@ def test_roundtrip_to_transformers(pair, tmp_path):
     hf, ours, name = pair
     ours.save_pretrained(tmp_path)
     back = HFPeVideoModel.from_pretrained(tmp_path).eval()
-    assert back.video_encoder.embedder.vision_model.timm_model.head.weight.shape[0] == CONFIGS[name][2]
+    # the head's width as upstream built it (transformers 5.17 sizes it from num_classes, 5.25 from num_labels)
+    width = hf.video_encoder.embedder.vision_model.timm_model.head.weight.shape[0]
+    assert width == ours.video_encoder.vit.head.weight.shape[0]
+    assert back.video_encoder.embedder.vision_model.timm_model.head.weight.shape[0] == width
     pixels, mask = video_inputs(hf.config, [3, 2])
     ids, am = text_inputs(2)
     with torch.no_grad():
@@ -308,12 +311,13 @@ def test_config_dict_and_sizes_follow_checkpoint(tmp_path):
     """The head width comes from the checkpoint even when config.json's num_classes says otherwise."""
     hf = upstream_model("tiny", seed=7)
     hf.save_pretrained(tmp_path)
+    width = hf.video_encoder.embedder.vision_model.timm_model.head.weight.shape[0]
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["video_config"]["vision_config"]["num_classes"] = 1024
+    cfg["video_config"]["vision_config"]["num_classes"] = width + 7  # config.json disagrees with the weights
     cfg["video_config"]["vision_config"].pop("num_labels", None)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     m = pevideo.PeVideoModel.from_pretrained(tmp_path)
-    assert m.video_encoder.vit.head.weight.shape[0] == CONFIGS["tiny"][2]
+    assert m.video_encoder.vit.head.weight.shape[0] == width
     assert os.path.exists(tmp_path / "model.safetensors")
 
 
