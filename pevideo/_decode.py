@@ -27,6 +27,24 @@ __all__ = ["read_video", "DecodePlan"]
 # buffered ahead are decoded again.
 _MIN_SKIP = 12
 
+# swscale on one thread. PyAV's default (0, "automatic") starts a thread pool with FFmpeg 8 (PyAV 19)
+# that a forked decoding worker inherits without its threads: the worker's first conversion then waits
+# forever. One thread is also what a decoding worker should use (they run single-threaded, side by side).
+_SWS = [{"threads": 1}]
+
+
+def _rgb(frame, **size):
+    """``frame`` as an RGB (H, W, 3) uint8 array (resized to ``size`` first, if given), on one thread."""
+    try:
+        if size:
+            frame = frame.reformat(**size, **_SWS[0])
+        return frame.to_ndarray(format="rgb24", **_SWS[0])
+    except TypeError as exc:  # a PyAV without the threads option (older than the ones CI runs)
+        if not _SWS[0] or "threads" not in str(exc):
+            raise
+        _SWS[0] = {}
+        return _rgb(frame, **size)
+
 
 @dataclass(frozen=True)
 class DecodePlan:
@@ -100,10 +118,11 @@ class _Frames:
                                  "it cannot be applied (decode with apply_rotation=False)")
             if (frame.height, frame.width) != self.found.size:
                 self._check_budget(frame.height, frame.width)  # the header did not say, or said otherwise
-        elif (frame.height, frame.width) != self.src_size:
+        size = {}
+        if (frame.height, frame.width) != self.src_size:
             # The stream changed size mid-way: bring the frame to the first kept frame's size.
-            frame = frame.reformat(width=self.src_size[1], height=self.src_size[0])
-        arr = frame.to_ndarray(format="rgb24")
+            size = dict(width=self.src_size[1], height=self.src_size[0])
+        arr = _rgb(frame, **size)
         if self.plan.apply_rotation and self.rotation:
             arr = np.ascontiguousarray(np.rot90(arr, self.rotation // 90))  # counterclockwise, as np.rot90
         if self.shown is None:

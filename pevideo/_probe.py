@@ -57,6 +57,16 @@ def _check_path(path: str) -> None:
         raise ValueError(f"{path} is {kind}, not a video file; only regular files are read")
 
 
+def _open_options(av) -> dict:
+    """``av.open``'s options: PyAV before 19 raises on metadata that is not UTF-8 unless told to ignore it;
+    PyAV 19 dropped the option (and a call naming it raises TypeError for every file)."""
+    try:
+        major = int(str(av.__version__).split(".")[0])
+    except ValueError:
+        major = 0
+    return {"metadata_errors": "ignore"} if major < 19 else {}
+
+
 def open_container(src, name):
     """``av.open`` on a path (a regular file) or a binary file object (rewound); ValueError naming the
     file when FFmpeg cannot open it."""
@@ -76,7 +86,7 @@ def open_container(src, name):
     except ImportError as exc:
         raise ImportError(f"{name}: decoding video files needs PyAV (pip install av): {exc}") from exc
     try:
-        return av.open(target, mode="r", metadata_errors="ignore")
+        return av.open(target, mode="r", **_open_options(av))
     except Exception as exc:  # FFmpeg's errors (InvalidData, EOF, ...) and PyAV's own
         raise ValueError(
             f"{name}: cannot open as a video ({type(exc).__name__}: {exc}); "

@@ -142,3 +142,26 @@ def test_cut_mpegts_is_flagged_in_results_and_errors_file(ckpt, videos, tmp_path
         assert line["index"] == 0 and "error" not in line and "transport packet" in line["truncated_suspect"]
         emb = pevideo.read_embeddings(out)
         assert len(emb) == 2 and emb.errors == [] and emb.warnings == [line]
+
+
+def test_workers_forked_after_decoding_in_process_do_not_hang(ckpt, videos, tmp_path):
+    """A decode in the parent, then forked decoding workers: with PyAV 19 (FFmpeg 8) the parent's swscale
+    thread pool, inherited without its threads, made a worker's first RGB conversion wait forever. In a
+    subprocess with a deadline, so that a hang fails the test instead of the run."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pevideo\n"
+        "frames, _ = pevideo.load_video(sys.argv[1])\n"  # swscale used in this process first
+        "res = list(pevideo.embed_videos([sys.argv[1]] * 4, sys.argv[2], num_frames=2, num_workers=2))\n"
+        "assert all(r.ok for r in res), [r.error for r in res]\n"
+        "print('ok', len(res))\n"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, videos["mp4"], ckpt], capture_output=True, text=True,
+                              timeout=180, env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        pytest.fail("decoding workers forked after an in-process decode hung")
+    assert proc.returncode == 0 and "ok 4" in proc.stdout, proc.stderr[-2000:]

@@ -46,9 +46,14 @@ def test_every_entry_point_picks_the_same_frames(media, tmp_path, request_):
     want = [pevideo.load_video(p, **request_)[1].frames_indices for p in paths]
     assert all(want)
 
-    # upstream (its processor divides by zero for num_frames=1, where frame 0 is what the formula means)
+    # upstream (its processor divides by zero for num_frames=1, where frame 0 is what the formula means;
+    # transformers before 5.25 also for an fps request that rounds to no frame, where 5.25 takes one)
     if request_ != {"num_frames": 1}:
-        assert [_upstream(p, request_) for p in paths] == want
+        for p, w in zip(paths, want):
+            try:
+                assert _upstream(p, request_) == w, p
+            except ZeroDivisionError:
+                assert "fps" in request_ and len(w) == 1
 
     # the processor, on the files and on the same frames in memory
     proc = pevideo.PeVideoVideoProcessor(size={"height": 64, "width": 64})
