@@ -290,8 +290,8 @@ def test_classify(media, reference, tmp_path, capsys):
 
     assert cli.main(base + ["--out", str(tmp_path / "p.csv")]) == 1
     rows = (tmp_path / "p.csv").read_text().splitlines()
-    assert rows[0].split(",") == ["path", *LABELS, "error"]
-    assert len(rows) == 6 and all(len(r.split(",")) == len(LABELS) + 2 for r in rows[1:] if "bad" not in r)
+    assert rows[0].split(",") == ["path", *LABELS, "truncated_suspect", "error"]
+    assert len(rows) == 6 and all(len(r.split(",")) == len(LABELS) + 3 for r in rows[1:] if "bad" not in r)
 
     assert cli.main(base + ["--out", str(tmp_path / "p.json")]) == 1
     got = json.loads((tmp_path / "p.json").read_text())

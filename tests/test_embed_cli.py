@@ -59,7 +59,7 @@ def test_classify_checks_its_output_before_any_work(media, tmp_path, capsys, mon
     (tmp_path / ".p.csv.tmp.999999999").write_text("half a table")
     assert run("classify", media["videos"], *common, "--out", tmp_path / "p.csv") == 1
     assert sorted(os.listdir(tmp_path)) == ["file", "p.csv"]
-    assert (tmp_path / "p.csv").read_text().startswith("path,a cat,error")
+    assert (tmp_path / "p.csv").read_text().startswith("path,a cat,truncated_suspect,error")
     assert os.stat(tmp_path / "p.csv").st_mode & 0o044 == 0o044
 
 
@@ -74,6 +74,39 @@ def test_classify_prints_a_failed_clip_once_on_stderr(media, capsys):
     i = lines.index(os.path.join(media["videos"], "bad.mp4"))
     assert "not scored" in lines[i + 1]  # the table still accounts for the clip
     assert len(lines) == len(media["order"]) + len(media["good"]) * 2 + 1
+
+
+def test_classify_flags_a_cut_mpegts_in_every_format(media, tmp_path, capsys):
+    """A TS file that ends inside a transport packet is scored but flagged (as embed flags it), in the
+    text, CSV and JSON tables and once on stderr; an intact clip is not."""
+    import csv
+    import json
+
+    from _media import write_truncated, write_video
+
+    cut = write_truncated(tmp_path / "cut.ts", write_video(tmp_path / "full.ts", 60), 0.3)
+    good = os.path.join(media["videos"], "a.mp4")
+    common = ["--model", media["ckpt"], "--labels", "a cat", "--num-frames", NF, "--workers", 0]
+    tables = {}
+    for name in ("t.txt", "t.csv", "t.json"):
+        assert run("classify", cut, good, *common, "--out", tmp_path / name) == 0  # a warning, not a failure
+        err = capsys.readouterr().err
+        assert err.count("transport packet") == 1
+        assert "pevideo classify: warning: " + cut + ": the file ends inside a transport packet" in err
+        tables[name] = (tmp_path / name).read_text()
+    text = tables["t.txt"].splitlines()
+    i = text.index(cut)
+    assert text[i + 1].startswith("  warning: ") and "transport packet" in text[i + 1]
+    assert not any("warning" in line for line in text[text.index(good):])
+    rows = list(csv.DictReader(tables["t.csv"].splitlines()))
+    assert [r["path"] for r in rows] == [cut, good] and all(r["a cat"] and not r["error"] for r in rows)
+    assert "transport packet" in rows[0]["truncated_suspect"] and rows[1]["truncated_suspect"] == ""
+    r0, r1 = json.loads(tables["t.json"])["results"]
+    assert "transport packet" in r0["truncated_suspect"] and "truncated_suspect" not in r1
+    assert len(r0["probs"]) == len(r1["probs"]) == 1
+    from pevideo.embed.tables import is_table
+
+    assert all(is_table(str(tmp_path / n)) for n in tables)  # still proves itself pevideo's (reruns replace it)
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:banana", "meta"] + ([] if torch.cuda.is_available() else ["cuda"]))

@@ -75,12 +75,16 @@ def _start(videos, model, opts: EmbedOptions):
 
 @dataclass
 class ClassifyResult:
-    """One video's label probabilities ``probs`` (L,) float32 (sigmoid of PE's video-text logits), or ``error``."""
+    """One video's label probabilities ``probs`` (L,) float32 (sigmoid of PE's video-text logits), or ``error``.
+
+    ``truncated_suspect``: why the file may be cut short where nothing declares its length (see
+    :attr:`pevideo.VideoMetadata.truncated_suspect`); not an error, the clip is scored."""
 
     index: int
     path: str
     probs: torch.Tensor | None = None
     error: str | None = None
+    truncated_suspect: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -146,6 +150,7 @@ def _scores(results: Iterator[ClipResult], text: torch.Tensor, scale: float, bia
             if not r.ok:
                 yield ClassifyResult(r.index, r.path, error=r.error)
             else:
-                yield ClassifyResult(r.index, r.path, probs=torch.sigmoid(text @ r.video_embeds * scale + bias))
+                yield ClassifyResult(r.index, r.path, probs=torch.sigmoid(text @ r.video_embeds * scale + bias),
+                                     truncated_suspect=r.truncated_suspect)
     finally:
         results.close()

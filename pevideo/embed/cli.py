@@ -377,6 +377,9 @@ def run_classify(args: argparse.Namespace) -> int:
             failed = [r for r in results if not r.ok]
             for r in failed:  # once, on stderr; the table on stdout only marks the clip
                 _err(f"pevideo classify: failed: {_failure(r)}")
+            for r in results:  # scored, but the file may be cut short: the table says it too
+                if r.ok and r.truncated_suspect:
+                    _err(f"pevideo classify: warning: {r.truncated_suspect}")
             text = render(fmt, results, labels, to_file=out is not None)
             if out is not None:
                 out.commit(text)

@@ -63,6 +63,8 @@ def _as_text(results, labels, to_file: bool) -> str:
             # In a file, the reason; on stdout, a mark (the reason is on stderr already).
             lines.append(f"  error: {printable(r.error)}" if to_file else "  not scored (could not be read; see stderr)")
             continue
+        if r.truncated_suspect:
+            lines.append(f"  warning: {printable(r.truncated_suspect)}")
         for label, p in zip(labels, r.probs.tolist()):
             lines.append(f"  {p:.4f}  {label:<{width}}".rstrip())
     return "\n".join(lines) + "\n"
@@ -71,10 +73,11 @@ def _as_text(results, labels, to_file: bool) -> str:
 def _as_csv(results, labels) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", *labels, "error"])
+    w.writerow(["path", *labels, "truncated_suspect", "error"])
     for r in results:
         probs = [f"{p:.6g}" for p in r.probs.tolist()] if r.ok else [""] * len(labels)
-        w.writerow([path_cell(r.path), *probs, printable(r.error or "")])
+        suspect = printable(r.truncated_suspect or "")
+        w.writerow([path_cell(r.path), *probs, suspect, printable(r.error or "")])
     return buf.getvalue()
 
 
@@ -84,6 +87,8 @@ def _as_json(results, labels) -> str:
         row = {"index": r.index, "path": r.path}
         if r.ok:
             row["probs"] = [round(p, 6) for p in r.probs.tolist()]
+            if r.truncated_suspect:
+                row["truncated_suspect"] = r.truncated_suspect
         else:
             row["error"] = r.error
         rows.append(row)
