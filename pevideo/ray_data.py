@@ -22,7 +22,9 @@ pipeline (:func:`embed_dataset`) and adds resuming and a manifest (:mod:`pevideo
 Keep the decode stage's Ray arguments different from the encoder's (as ``num_gpus`` on a GPU cluster
 makes them; on CPU only, give it ``memory=decode.task_memory(batch_size)`` as :func:`embed_dataset`
 does): Ray fuses stages with equal arguments, and would then decode inside the model's actor, one clip
-at a time. A worker that dies is retried by Ray (Ray Data retries system failures without limit).
+at a time. A task whose worker dies is retried by Ray (without limit, Ray Data's default, unless
+:func:`embed_dataset` is given ``decode_retries``; ``pevideo embed --engine ray`` gives 2, then tries
+what a dropped task held one video per task and writes a video that kills its decoder as its error).
 """
 from .embed.ray_stages import Decode, Encode, embed_dataset, video_dataset
 

@@ -140,6 +140,93 @@ def test_workers_killed_mid_run(media, local, ray_local, tmp_path):
     same(read_embeddings(out), local)
 
 
+def test_a_file_that_always_kills_its_decoder_is_that_files_error(media, local, ray_local, tmp_path):
+    """Ray Data tries a failed task without end: a file that crashes the decoder process each time would
+    hold the job forever. Bounded: it ends as that file's error, the others embedded as without it."""
+    from pevideo.embed.parquet import scan
+    from pevideo.embed.ray_run import TASK_TRIES, embed_with_ray
+    from pevideo.ray_data import Decode
+
+    deaths = tmp_path / "deaths"
+    deaths.mkdir()
+
+    class Crashing(Decode):
+        def __call__(self, batch):
+            given = batch["error"] if "error" in batch else [""] * len(batch["path"])
+            if any(str(p).endswith("c.mkv") and not e for p, e in zip(batch["path"], given)):  # decoding it
+                if len(os.listdir(deaths)) >= 10:  # tried without end: end the job (a failure), not the test run
+                    raise RuntimeError("the crashing file was tried 10 times")
+                (deaths / str(os.getpid())).touch()
+                os._exit(1)
+            return Decode.__call__(self, batch)
+
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="failed 3 times"):
+        summary = embed_with_ray([media["videos"]], media["ckpt"], out, num_frames=NF, pooled=True, shard_size=1,
+                                 batch_size=2, decode_cls=Crashing)
+    assert len(os.listdir(deaths)) == 2 * TASK_TRIES  # a batch's tries, then the file's alone: bounded
+    assert (summary.num_inputs, summary.num_embedded, summary.num_failed) == (5, 3, 2)
+    assert sorted(scan(out).input_index.tolist()) == [0, 1, 2, 3, 4]
+    emb, want = read_embeddings(out), local
+    (crashed,) = [e for e in emb.errors if e["path"].endswith("c.mkv")]
+    assert "Ray task failed 6 times" in crashed["error"] and "c.mkv" in crashed["error"]
+    keep = [i for i, p in enumerate(want.paths) if not p.endswith("c.mkv")]
+    assert emb.paths == [want.paths[i] for i in keep]
+    torch.testing.assert_close(emb.video_embeds, want.video_embeds[keep], atol=ATOL, rtol=RTOL)
+    import json
+
+    with open(out / "errors.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    assert sorted(os.path.basename(e["path"]) for e in logged) == ["bad.mp4", "c.mkv"]
+
+
+@pytest.mark.parametrize("fails, calls, raised", [
+    ({}, [([0, 1, 2, 3], 2, None)], False),  # nothing lost: one pass
+    ({1: 2, 3: 1}, [([0, 1, 2, 3], 2, None), ([1, 3], 1, None), ([1], 1, {1: "x"})], False),  # 1 kills its decoder
+    ({1: 2, 3: 2}, [([0, 1, 2, 3], 2, None), ([1, 3], 1, None)], True),  # every retry failed: not one file
+    ({2: 2}, [([0, 1, 2, 3], 2, None), ([2], 1, None), ([2], 1, {2: "x"})], False),  # one lost, alone
+])
+def test_failed_tasks_are_retried_per_video_then_blamed_on_one_file_only(fails, calls, raised, tmp_path):
+    """``fails``: input -> passes whose task it fails (2: both). Only a video that fails alone, or beside
+    videos that then succeed, is written as its error; the context's errored-block budget is restored."""
+    pytest.importorskip("ray")
+    from ray.data import DataContext
+
+    from pevideo.embed.ray_run import RayTasksFailedError, run_passes
+
+    seen, before = [], DataContext.get_current().max_errored_blocks
+
+    def run_pass(todo, decode_batch, errors=None):
+        assert DataContext.get_current().max_errored_blocks == -1  # a dropped task does not end the job
+        seen.append((list(todo), decode_batch, errors and {i: "x" for i in errors}))
+        if errors:
+            assert all("its Ray task failed 6 times" in e and f"v{i}.mp4" in e for i, e in errors.items())
+            return []
+        return [i for i in todo if fails.get(i, 0) >= len(seen)]
+
+    paths = [f"v{i}.mp4" for i in range(4)]
+    if raised:
+        with pytest.warns(UserWarning, match="trying them again"), pytest.raises(RayTasksFailedError, match="2 videos"):
+            run_passes(run_pass, [0, 1, 2, 3], paths, str(tmp_path))
+    else:
+        with warnings_if(len(calls) > 1):
+            run_passes(run_pass, [0, 1, 2, 3], paths, str(tmp_path))
+    assert seen == calls
+    assert DataContext.get_current().max_errored_blocks == before
+
+
+def warnings_if(expected):
+    import contextlib
+    import warnings
+
+    if expected:
+        return pytest.warns(UserWarning, match="trying them again")
+    ctx = contextlib.ExitStack()
+    ctx.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("error")
+    return ctx
+
+
 def test_rerun_skips_written_and_resolves_duplicates(media, local, ray_out, ray_local, tmp_path):
     from pevideo.embed.ray_run import embed_with_ray
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ..errors import UsageError
+from ..errors import PevideoError, UsageError
 from .encode import PipelineStats
 from .fingerprint import describe_mismatch, fingerprint, model_id
 from .inputs import expand_inputs
@@ -160,6 +160,47 @@ def _write_errors(path: str, errors: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in sorted(errors, key=lambda e: e["index"])))
 
 
+class RayTasksFailedError(PevideoError):
+    """Ray tasks failed again and again over many videos: not one file's fault (exit status 3)."""
+
+
+# Tries of a Ray task that fails (its worker dies): Ray Data's default is to try without end, so a file
+# that crashes the decoder process itself would hold the job forever.
+TASK_TRIES = 3
+
+
+def run_passes(run_pass, todo: list[int], paths: list[str], out: str) -> None:
+    """Embed the inputs ``todo`` with ``run_pass(todo, decode_batch, errors=None)`` (which returns the
+    inputs still without a row), each Ray task tried ``TASK_TRIES`` times and a task that fails them all
+    dropped rather than ending the job. What a dropped task held is tried again one video per task;
+    a video whose task fails again then is written as that video's error, unless every video of that
+    second pass failed (then the cause is not one file: the run stops, the rows written kept)."""
+    import warnings
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.max_errored_blocks
+    ctx.max_errored_blocks = -1  # a failed task drops its block; what it held is found missing below
+    try:
+        lost = run_pass(todo, 2)
+        if not lost:
+            return
+        warnings.warn(f"{len(lost)} video(s) were in Ray tasks that failed {TASK_TRIES} times (see Ray's log); "
+                      "trying them again, one video per task")
+        still = run_pass(lost, 1)
+        if not still:
+            return
+        if len(still) == len(lost) > 1:
+            raise RayTasksFailedError(f"{out}: {len(still)} videos' Ray tasks failed {2 * TASK_TRIES} times each, "
+                                      f"one video per task too (see Ray's log); the rows written are kept: {RESUME}")
+        reason = (f"its Ray task failed {2 * TASK_TRIES} times (the worker died or the task raised on this "
+                  "file: a file that crashes the decoder?); see Ray's log")
+        run_pass(still, 1, errors={i: f"{paths[i]}: {reason}" for i in still})
+    finally:
+        ctx.max_errored_blocks = before
+
+
 def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None = None, fps: float | None = None,
                    batch_size: int = 8, shard_size: int = 1024, decoders: int | None = None,
                    encoders: int | None = None, gpus_per_encoder: float | None = None, cpus_per_encoder: float = 1,
@@ -223,14 +264,19 @@ def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None
             done = set(before.input_index.tolist())
             start = time.perf_counter()
             if len(done) < len(paths):
-                ds = ray_data.video_dataset(paths, skip=done)
-                ds = ray_data.embed_dataset(
-                    ds, session.checkpoint or session.source, processor=session.processor, num_frames=num_frames,
-                    fps=fps, apply_rotation=apply_rotation, batch_size=batch_size, pooled=pooled, dtype=dt, fast=fa,
-                    decoders=decoders, encoders=encoders, gpus_per_encoder=gpus_per_encoder,
-                    cpus_per_encoder=cpus_per_encoder, decode_cls=decode_cls or ray_data.Decode,
-                    encode_cls=encode_cls or ray_data.Encode)
-                ds.write_parquet(out, min_rows_per_file=shard_size)
+                def run_pass(todo, decode_batch, errors=None):
+                    ds = ray_data.video_dataset(paths, skip=set(range(len(paths))) - set(todo), errors=errors)
+                    ds = ray_data.embed_dataset(
+                        ds, session.checkpoint or session.source, processor=session.processor, num_frames=num_frames,
+                        fps=fps, apply_rotation=apply_rotation, batch_size=batch_size, pooled=pooled, dtype=dt,
+                        fast=fa, decoders=decoders, encoders=encoders, gpus_per_encoder=gpus_per_encoder,
+                        cpus_per_encoder=cpus_per_encoder, decode_batch=decode_batch,
+                        decode_retries=TASK_TRIES - 1, decode_cls=decode_cls or ray_data.Decode,
+                        encode_cls=encode_cls or ray_data.Encode)
+                    ds.write_parquet(out, min_rows_per_file=shard_size)
+                    return sorted(set(todo) - set(scan(out, paths=paths).input_index.tolist()))
+
+                run_passes(run_pass, [i for i in range(len(paths)) if i not in done], paths, out)
             elapsed = time.perf_counter() - start
             after = scan(out, paths=paths)
             check_complete(after, out, "rerun the same command to finish")

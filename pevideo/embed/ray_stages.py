@@ -49,6 +49,8 @@ class Decode:
     ``frame_indices`` (int32, the source frames taken), ``error`` ("" when read), ``truncated_suspect``
     ("" unless the file may be cut short where nothing declares its length) and ``decode_config``
     (JSON, which :class:`Encode` checks against its own preprocessing and puts in the fingerprint).
+    An input row with a non-empty ``error`` (:func:`video_dataset`'s ``errors``) is not decoded: it
+    passes through as that video's failure.
     """
 
     def __init__(self, model, *, processor=None, num_frames: int | None = None, fps: float | None = None,
@@ -71,12 +73,14 @@ class Decode:
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
         index = np.asarray(batch["input_index"] if "input_index" in batch else np.arange(len(paths)), np.int64)
+        given = [str(e or "") for e in batch["error"]] if "error" in batch else [""] * len(paths)
         clips = ClipDataset(paths, self.processor, self.sampling, self.apply_rotation, limits=self.limits)
         frames = np.empty(len(paths), dtype=object)
         taken = np.empty(len(paths), dtype=object)
         totals, errors, suspects = np.zeros(len(paths), np.int64), [], []
         for i in range(len(paths)):
-            it = clips[i]  # the very item pevideo embed's decoding workers make
+            # the very item pevideo embed's decoding workers make, or the failure the input carries
+            it = dict(error=given[i], indices=[], total=0) if given[i] else clips[i]
             if it["error"] is None:
                 frames[i] = np.ascontiguousarray(it["frames"].numpy())
             else:
@@ -154,15 +158,18 @@ class Encode:
         return results_table(results, fp, self.dim, self.pooled_dim)
 
 
-def video_dataset(inputs, *, skip=()):
+def video_dataset(inputs, *, skip=(), errors=None):
     """A Ray dataset of ``path`` and ``input_index`` (position in the expanded input list) over video
     files, folders and list files (see :func:`pevideo.embed.expand_inputs`); ``skip``: input indices
-    to leave out (done already)."""
+    to leave out (done already); ``errors``: ``{input index: reason}``, inputs :class:`Decode` passes
+    through as failed without decoding them (an ``error`` column)."""
     import ray.data
 
     paths = expand_inputs(inputs)
-    skip = set(skip)
+    skip, errors = set(skip), dict(errors or {})
     items = [{"path": p, "input_index": i} for i, p in enumerate(paths) if i not in skip]
+    if errors:
+        items = [{**it, "error": errors.get(it["input_index"], "")} for it in items]
     return ray.data.from_items(items)
 
 
@@ -170,14 +177,16 @@ def embed_dataset(ds, model, *, processor=None, num_frames: int | None = None, f
                   apply_rotation: bool = False, batch_size: int = 8, pooled: bool = False, dtype=None,
                   fast: bool | None = None, decoders: int | None = None, decode_batch: int = 2,
                   encoders: int = 1, gpus_per_encoder: float = 0, cpus_per_encoder: float = 1,
-                  decode_cls=Decode, encode_cls=Encode):
+                  decode_retries: int | None = None, decode_cls=Decode, encode_cls=Encode):
     """``ds`` (``path``, ``input_index``) through :class:`Decode` and :class:`Encode`: the dataset of
     Parquet rows (write it with ``write_parquet``).
 
     ``decoders``: decode tasks at once (None: as many as free CPUs allow, one CPU each);
     ``decode_batch``: videos per decode task; ``encoders``: model copies (actors), each with
     ``gpus_per_encoder`` GPUs (fractions pack several per GPU; 0: on CPU) and ``cpus_per_encoder``
-    CPUs; ``batch_size``: clips per encoder call. ``decode_cls`` / ``encode_cls``: subclasses to use."""
+    CPUs; ``batch_size``: clips per encoder call; ``decode_retries``: tries after the first of a decode
+    task whose worker died (None: Ray's default, without end; a file that crashes the decoder process
+    is then tried until the job is stopped). ``decode_cls`` / ``encode_cls``: subclasses to use."""
     decode = decode_cls(model, processor=processor, num_frames=num_frames,
                         fps=fps, apply_rotation=apply_rotation)
     device = "cuda" if gpus_per_encoder else "cpu"
@@ -185,13 +194,26 @@ def embed_dataset(ds, model, *, processor=None, num_frames: int | None = None, f
     # fusing this stage into the encoder's actors when both ask for one CPU (CPU-only clusters).
     from ray.data import ActorPoolStrategy
 
-    ds = ds.map_batches(decode, batch_size=decode_batch, num_cpus=1, memory=decode.task_memory(decode_batch),
-                        **_task_pool(decoders))
+    with warnings.catch_warnings():  # Ray 2.60 deprecates its remote-args catch-all, max_retries has no other
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        ds = ds.map_batches(decode, batch_size=decode_batch, num_cpus=1, memory=decode.task_memory(decode_batch),
+                            **_max_retries(decode_retries), **_task_pool(decoders))
     return ds.map_batches(encode_cls, fn_constructor_args=(model,),
                           fn_constructor_kwargs=dict(processor=decode.processor, device=device, dtype=dtype, fast=fast,
                                                      pooled=pooled),
                           batch_size=batch_size, compute=ActorPoolStrategy(size=encoders),
                           num_gpus=gpus_per_encoder or None, num_cpus=cpus_per_encoder)
+
+
+def _max_retries(n: int | None) -> dict:
+    """Ray's ``max_retries`` for a task stage, where this Ray's ``map_batches`` takes it."""
+    import inspect
+
+    from ray.data import Dataset
+
+    params = inspect.signature(Dataset.map_batches).parameters
+    takes = "max_retries" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {"max_retries": int(n)} if n is not None and takes else {}
 
 
 def _task_pool(size: int | None) -> dict:
