@@ -213,7 +213,13 @@ def _max_retries(n: int | None) -> dict:
 
     params = inspect.signature(Dataset.map_batches).parameters
     takes = "max_retries" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return {"max_retries": int(n)} if n is not None and takes else {}
+    if n is None:
+        return {}
+    if not takes:
+        warnings.warn("this Ray's map_batches takes no max_retries: a decode task whose worker dies is tried "
+                      "without end (Ray's default)")
+        return {}
+    return {"max_retries": int(n)}
 
 
 def _task_pool(size: int | None) -> dict:
