@@ -186,16 +186,16 @@ def run_passes(run_pass, todo: list[int], paths: list[str], out: str) -> None:
         lost = run_pass(todo, 2)
         if not lost:
             return
-        warnings.warn(f"{len(lost)} video(s) were in Ray tasks that failed {TASK_TRIES} times (see Ray's log); "
-                      "trying them again, one video per task")
+        how = f"a worker that died {TASK_TRIES} times, or an error the task raised; see Ray's log"
+        warnings.warn(f"{len(lost)} video(s) were in Ray tasks that failed ({how}); trying them again, one "
+                      "video per task")
         still = run_pass(lost, 1)
         if not still:
             return
         if len(still) == len(lost) > 1:
-            raise RayTasksFailedError(f"{out}: {len(still)} videos' Ray tasks failed {2 * TASK_TRIES} times each, "
-                                      f"one video per task too (see Ray's log); the rows written are kept: {RESUME}")
-        reason = (f"its Ray task failed {2 * TASK_TRIES} times (the worker died or the task raised on this "
-                  "file: a file that crashes the decoder?); see Ray's log")
+            raise RayTasksFailedError(f"{out}: the Ray tasks of {len(still)} videos failed again, one video per task "
+                                      f"({how}): not one file's fault; the rows written are kept: {RESUME}")
+        reason = f"its Ray task failed in both passes, alone in the second ({how}): does it crash the decoder?"
         run_pass(still, 1, errors={i: f"{paths[i]}: {reason}" for i in still})
     finally:
         ctx.max_errored_blocks = before
@@ -274,7 +274,9 @@ def embed_with_ray(inputs, model, out, *, processor=None, num_frames: int | None
                         decode_retries=TASK_TRIES - 1, decode_cls=decode_cls or ray_data.Decode,
                         encode_cls=encode_cls or ray_data.Encode)
                     ds.write_parquet(out, min_rows_per_file=shard_size)
-                    return sorted(set(todo) - set(scan(out, paths=paths).input_index.tolist()))
+                    written = scan(out, skip_damaged=True, paths=paths)  # a writer task that died mid-file
+                    remove_damaged(written)
+                    return sorted(set(todo) - set(written.input_index.tolist()))
 
                 run_passes(run_pass, [i for i in range(len(paths)) if i not in done], paths, out)
             elapsed = time.perf_counter() - start
