@@ -12,8 +12,6 @@ import argparse
 import csv
 import io
 import json
-import os
-import sys
 import warnings
 
 from .embed.tables import path_cell, printable
@@ -100,7 +98,7 @@ def run_search(args: argparse.Namespace) -> int:
     from .embed.inputs import expand_inputs
     from .embed.layout import check_table_path
     from .embed.session import checkpoint_folder, model_source
-    from .embed.tables import TableOutput
+    from .embed.tables import TableOutput, table_format
 
     def go():
         from .embed.api import text_embeddings
@@ -109,19 +107,17 @@ def run_search(args: argparse.Namespace) -> int:
         from .processing import load_tokenizer
         from .retrieval import open_embeddings, search
 
-        fmt = args.format or {".csv": "csv", ".json": "json"}.get(os.path.splitext(args.out or "")[1].lower(), "text")
+        fmt = table_format(args.format, args.out)
         if args.k < 1 or args.chunk_size < 1:
             raise UsageError("-k and --chunk-size must be >= 1")
         if args.video and args.score == "probability":
             raise UsageError("--score probability is the text-video probability: it needs --text")
         check_device(args.device)
-        out = None
         if args.out:  # before anything is loaded: never over an input, the checkpoint or a user's file
             inputs = [args.embeddings, *(expand_inputs(args.video, must_exist=True) if args.video else [])]
             check_table_path(args.out, inputs=inputs, checkpoint=checkpoint_folder(model_source(args.model)),
                              owned=is_search_table)
-            out = TableOutput(args.out)
-        try:
+        with TableOutput(args.out) as out:
             source = open_embeddings(args.embeddings)
             index = None
             if args.index:
@@ -141,14 +137,7 @@ def run_search(args: argparse.Namespace) -> int:
             bias = float(model.text_video_logit_bias.float().item())
             res = search(source, queries, args.k, score=args.score, logit_scale=scale, logit_bias=bias,
                          chunk_size=args.chunk_size, device=session.device, index=index)
-            text = {"text": _as_text, "csv": _as_csv, "json": _as_json}[fmt](names, res, to_file=out is not None)
-            if out is not None:
-                out.commit(text)
-            else:
-                sys.stdout.write(text)
-        finally:
-            if out is not None:
-                out.close()
+            out.commit({"text": _as_text, "csv": _as_csv, "json": _as_json}[fmt](names, res, to_file=out.to_file))
         return 0
 
     return _guarded("search", go, where=args.embeddings)

@@ -353,22 +353,17 @@ def run_classify(args: argparse.Namespace) -> int:
     from .inputs import expand_inputs
     from .layout import check_table_path
     from .session import checkpoint_folder, model_source
-    from .tables import TableOutput, is_table, render
+    from .tables import TableOutput, is_table, render, table_format
 
     def go():
         labels = _labels(args)
-        fmt = args.format
-        if fmt is None:
-            ext = os.path.splitext(args.out or "")[1].lower()
-            fmt = {".csv": "csv", ".json": "json"}.get(ext, "text")
+        fmt = table_format(args.format, args.out)
         check_device(args.device)
         paths = expand_inputs(args.inputs, must_exist=True)
         source = model_source(args.model)  # resolved, not loaded
-        out = None
         if args.out:  # before the model is loaded or a clip decoded
             check_table_path(args.out, inputs=paths, checkpoint=checkpoint_folder(source), owned=is_table)
-            out = TableOutput(args.out)
-        try:
+        with TableOutput(args.out) as out:
             results = list(classify_videos(
                 paths, source, labels, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
                 num_workers=args.workers, device=args.device, dtype=args.dtype, fast=args.fast,
@@ -380,14 +375,7 @@ def run_classify(args: argparse.Namespace) -> int:
             for r in results:  # scored, but the file may be cut short: the table says it too
                 if r.ok and r.truncated_suspect:
                     _err(f"pevideo classify: warning: {r.truncated_suspect}")
-            text = render(fmt, results, labels, to_file=out is not None)
-            if out is not None:
-                out.commit(text)
-            else:
-                sys.stdout.write(text)
-        finally:
-            if out is not None:
-                out.close()
+            out.commit(render(fmt, results, labels, to_file=out.to_file))
         return 1 if failed else 0
 
     return _guarded("classify", go)

@@ -14,9 +14,10 @@ import csv
 import io
 import json
 import os
+import sys
 import unicodedata
 
-__all__ = ["path_cell", "printable", "TableOutput", "render", "is_table", "TEXT_MARK"]
+__all__ = ["path_cell", "printable", "TableOutput", "table_format", "render", "is_table", "TEXT_MARK"]
 
 TEXT_MARK = "# pevideo classify"  # first line of a text table written to a file: proves it pevideo's
 _ODD = ("Cc", "Cs", "Zl", "Zp")  # control characters, undecodable bytes (surrogates), line separators
@@ -111,17 +112,23 @@ def is_table(path: str) -> bool:
         return False
 
 
-class TableOutput:
-    """An output file opened before the work starts (so that an unwritable place fails first, not after
-    every clip is scored): a temporary file beside it, renamed into place by :meth:`commit`. A device or
-    FIFO (``/dev/stdout``) is written in place instead, never replaced."""
+def table_format(fmt: str | None, out: str | None) -> str:
+    """``--format``, else the one ``--out``'s suffix names (``.csv``, ``.json``), else the text table."""
+    return fmt or {".csv": "csv", ".json": "json"}.get(os.path.splitext(out or "")[1].lower(), "text")
 
-    def __init__(self, path: str):
+
+class TableOutput:
+    """Where a table goes, opened before the work starts (so that an unwritable place fails first, not
+    after every clip is scored): standard output (``path`` None), or an output file -- a temporary file
+    beside it, renamed into place by :meth:`commit`. A device or FIFO (``/dev/stdout``) is written in
+    place instead, never replaced. As a context manager, leaving removes an uncommitted temporary."""
+
+    def __init__(self, path: str | None):
         from .safeio import is_regular_or_absent, remove_stale_temporaries, tmp_name
 
         self.path = path
         self.tmp = None
-        if not is_regular_or_absent(path):
+        if path is None or not is_regular_or_absent(path):
             return
         folder = os.path.dirname(os.path.abspath(path))
         tmp = tmp_name(os.path.abspath(path))
@@ -134,7 +141,20 @@ class TableOutput:
         os.close(fd)
         self.tmp = tmp
 
+    @property
+    def to_file(self) -> bool:
+        return self.path is not None
+
+    def __enter__(self) -> "TableOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def commit(self, text: str) -> None:
+        if self.path is None:
+            sys.stdout.write(text)
+            return
         if self.tmp is None:  # a device or FIFO
             with open(self.path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
                 f.write(text)
