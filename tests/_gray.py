@@ -68,3 +68,17 @@ class Counting:
         for frame in self._c.decode(*args, **kwargs):
             self._stats["decoded"] += 1
             yield frame
+
+
+def without_timestamps(monkeypatch) -> None:
+    """Make every stream look as if its packets had no usable timestamps, so load_video decodes in order."""
+    from pevideo import _probe
+
+    real_index = _probe._index_packets
+
+    def no_pts(*args):
+        idx = real_index(*args)
+        idx.pts = None
+        return idx
+
+    monkeypatch.setattr(_probe, "_index_packets", no_pts)

@@ -14,11 +14,11 @@ av = pytest.importorskip("av")
 
 from _gray import FORMATS, N, H, RATE, W, levels, write_formats, write_video  # noqa: E402
 from _gray import Counting as _Counting  # noqa: E402
+from _gray import without_timestamps  # noqa: E402
 from _media import write_truncated  # noqa: E402
 from _media import write_video as write_textured  # noqa: E402
 
 from pevideo import _decode as D  # noqa: E402
-from pevideo import _probe as P  # noqa: E402
 from pevideo import sampling as S  # noqa: E402
 from pevideo.resize import FramePlan  # noqa: E402
 from pevideo.video import VideoMetadata, load_video  # noqa: E402
@@ -113,14 +113,7 @@ def test_decodes_only_what_is_needed(videos, fmt, monkeypatch):
 def test_decoding_in_order_gives_the_same_frames(videos, monkeypatch):
     # Streams without usable timestamps are decoded in order, frames counted as the decoder shows them.
     want, want_meta = load_video(videos["mp4"], num_frames=6)
-    real_index = P._index_packets
-
-    def no_pts(*args):
-        idx = real_index(*args)
-        idx.pts = None
-        return idx
-
-    monkeypatch.setattr(P, "_index_packets", no_pts)
+    without_timestamps(monkeypatch)
     got, meta = load_video(videos["mp4"], num_frames=6)
     assert np.array_equal(got, want) and meta.frames_indices == want_meta.frames_indices
     assert meta.total_num_frames == N

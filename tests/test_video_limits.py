@@ -11,6 +11,7 @@ av = pytest.importorskip("av")
 
 from _gray import N, H, W, RATE, LEVEL, levels, write_formats, write_video  # noqa: E402
 from _gray import Counting as _Counting  # noqa: E402
+from _gray import without_timestamps  # noqa: E402
 from _media import write_truncated  # noqa: E402
 from _media import write_video as write_textured  # noqa: E402
 
@@ -119,14 +120,7 @@ def test_truncated_when_decoded_in_order(tmp_path, monkeypatch):
     # The same rule holds on the path that decodes in order (streams without usable timestamps).
     full = write_textured(tmp_path / "full.mkv", 60)
     cut = write_truncated(tmp_path / "cut.mkv", full, 0.5)
-    real_index = P._index_packets
-
-    def no_pts(*args):
-        idx = real_index(*args)
-        idx.pts = None
-        return idx
-
-    monkeypatch.setattr(P, "_index_packets", no_pts)
+    without_timestamps(monkeypatch)
     assert load_video(full, num_frames=3)[1].total_num_frames == 60
     with pytest.raises(M.TruncatedVideoError, match="cut.mkv"):
         load_video(cut, num_frames=3)
